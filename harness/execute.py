@@ -1,0 +1,119 @@
+"""Run one implementation on one case on one device: the only place that touches the device.
+
+Inputs arrive as CPU tensors; they are copied to the device, the case's layout is
+applied there (and checked by its strides), the kernel runs forward and, through
+autograd, backward, and the results come back to the CPU in their own dtype.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from .implementations import Implementation, SdpaCall
+from .inputs import Inputs, apply_layout, check_strides
+from .oracle import causal_keep
+
+TENSORS = ("out", "dq", "dk", "dv")
+_REFUSAL = re.compile(r"No available kernel|No viable backend|not supported|Unsupported|requires", re.I)
+
+
+class Unsupported(Exception):
+    """The kernel refused the case; the message is torch's reason."""
+
+
+class HarnessDefect(Exception):
+    """The harness failed to build what the case asks for (e.g. a layout did not survive)."""
+
+
+@dataclass
+class Outputs:
+    tensors: dict[str, torch.Tensor | None]
+    forward_only: str | None = None  # why gradients were not produced, if the kernel has no backward
+    backward_error: str | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+    strides: dict[str, list[int]] = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mask_and_causal(inputs: Inputs, device: torch.device, materialise: bool) -> tuple[object, bool]:
+    """attn_mask and is_causal as a user would pass them for this case."""
+    case = inputs.case
+    mask = inputs.mask.to(device) if inputs.mask is not None else None
+    if case.causal == "none":
+        return mask, False
+    if mask is None and case.causal == "top-left":
+        return None, True
+    if mask is None and not materialise:
+        return causal_lower_right(case.q_len, case.kv_len), False
+    keep = causal_keep(case, 0, case.q_len).to(device)
+    if mask is None:
+        return keep[None, None], False
+    if mask.dtype == torch.bool:
+        return mask & keep, False
+    return mask.masked_fill(~keep, float("-inf")), False
+
+
+def refusal_reason(exc: BaseException, caught: list[warnings.WarningMessage]) -> str | None:
+    """torch's own reason when `exc` is a backend refusing the case, else None."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, RuntimeError) or not _REFUSAL.search(text):
+        return None
+    reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    return "; ".join(dict.fromkeys(reasons)) or text
+
+
+def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch.device) -> Outputs:
+    case = inputs.case
+    device = torch.device(device)
+    leaves = {role: getattr(inputs, role).to(device) for role in ("q", "k", "v")}
+    for leaf in leaves.values():
+        leaf.requires_grad_(case.grads)
+    kernel = {role: apply_layout(case, role, leaf) for role, leaf in leaves.items()}
+    grad_out = apply_layout(case, "grad_out", inputs.grad_out.to(device))
+    strides = {role: list(t.stride()) for role, t in {**kernel, "grad_out": grad_out}.items()}
+    for role, t in {**kernel, "grad_out": grad_out}.items():
+        problem = check_strides(case, role, t)
+        if problem:
+            raise HarnessDefect(f"layout not applied: {problem}")
+
+    attn_mask, is_causal = _mask_and_causal(inputs, device, impl.materialise_causal_bias)
+    call = SdpaCall(case=case, query=kernel["q"], key=kernel["k"], value=kernel["v"], attn_mask=attn_mask,
+                    is_causal=is_causal, scale=case.scale, enable_gqa=kernel["q"].shape[1] != kernel["k"].shape[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = impl.forward(call)
+            synchronize(device)
+        except Exception as exc:
+            reason = refusal_reason(exc, caught)
+            if reason is not None:
+                raise Unsupported(reason) from exc
+            raise
+
+    result = Outputs(tensors={"out": out.detach().cpu() if isinstance(out, torch.Tensor) else out},
+                     notes=dict(call.notes), strides=strides)
+    if not case.grads:
+        return result
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        result.forward_only = "the output has no autograd graph (forward-only kernel)"
+        return result
+    try:
+        grads = torch.autograd.grad(out, [leaves["q"], leaves["k"], leaves["v"]], grad_out, allow_unused=True)
+        synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a broken backward is a result, not a harness crash
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        result.backward_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return result
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        result.tensors[name] = g.detach().cpu() if g is not None else None
+    return result

@@ -1,0 +1,112 @@
+"""Implementations under test, behind one small interface and a registry.
+
+An implementation is a forward function over an `SdpaCall` (kernel-facing
+tensors already on the device, in the case's layout) plus two questions:
+is it available on this device at all, and does it support this case. The
+runner does autograd, so a kernel without backward is simply forward-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..case import Case
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the code needs to know about a device; injected in tests to fake a GPU."""
+
+    device: str  # "cpu", "cuda:0", ...
+    kind: str  # "cpu" | "cuda" | "rocm"
+    name: str = ""
+    arch: str = ""  # "sm_90", "gfx942", or the CPU's ISA
+    torch_version: str = torch.__version__
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("cuda", "rocm")
+
+
+@dataclass
+class SdpaCall:
+    """Arguments exactly as F.scaled_dot_product_attention takes them, plus the case."""
+
+    case: Case
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: object = None  # a tensor, a CausalBias, or None
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    # Filled in by the implementation: which fused backend dispatch chose, and anything else worth a report line.
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+ForwardFn = Callable[[SdpaCall], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    family: str  # "sdpa", "expanded-kv", "user", "canary", ...
+    forward: ForwardFn
+    description: str = ""
+    # None when usable on this device; else the reason it is not.
+    available: Callable[[DeviceFacts], str | None] = lambda facts: None
+    # None when this case can be expressed faithfully; else the reason (UNSUPPORTED, never FAIL).
+    supports: Callable[[Case, DeviceFacts], str | None] = lambda case, facts: None
+    # Materialise causal as a bool mask for kernels that do not take torch's CausalBias object.
+    materialise_causal_bias: bool = False
+    # True for the canary: its expected FAIL is reported apart and does not count.
+    canary: bool = False
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def builtin_implementations() -> dict[str, Implementation]:
+    from . import canary, sdpa
+
+    impls = [*sdpa.implementations(), *canary.implementations()]
+    return {impl.name: impl for impl in impls}
+
+
+def resolve(names: list[str], facts: DeviceFacts) -> tuple[list[Implementation], dict[str, str]]:
+    """Implementations to run and, for built-ins left out, why. No names: every available built-in."""
+    from .user import load_user_implementation
+
+    builtins = builtin_implementations()
+    chosen: list[Implementation] = []
+    unavailable: dict[str, str] = {}
+    if not names:
+        for impl in builtins.values():
+            if impl.canary:
+                continue
+            reason = impl.available(facts)
+            if reason is None:
+                chosen.append(impl)
+            else:
+                unavailable[impl.name] = reason
+        return chosen, unavailable
+    for name in names:
+        if ":" in name:
+            chosen.append(load_user_implementation(name))
+        elif name in builtins:
+            reason = builtins[name].available(facts)
+            if reason is not None:
+                raise RegistryError(f"implementation {name!r} is not available on {facts.device}: {reason}")
+            chosen.append(builtins[name])
+        else:
+            known = ", ".join(sorted(n for n, i in builtins.items() if not i.canary))
+            raise RegistryError(f"unknown implementation {name!r} (built-ins: {known}; or module:function)")
+    return chosen, unavailable
+
+
+def canaries(facts: DeviceFacts) -> list[Implementation]:
+    return [i for i in builtin_implementations().values() if i.canary and i.available(facts) is None]

@@ -1,0 +1,168 @@
+"""Error measures of one tensor against the oracle, with their two yardsticks.
+
+All errors are L2 norms over a region at three levels: the whole tensor, each
+(batch, head) slice, each row (query row for out/dQ, key row for dK/dV). Beside
+each error stand
+  * the dtype floor: the oracle correctly rounded to the dtype (a perfect kernel);
+  * the low-precision reference: the envelope of the accepted fp32-accumulating designs;
+  * an epsilon term: fp32 unit roundoff x a magnitude from the inputs, so a tensor whose
+    true value is 0 (dQ of a row that sees one key) has a non-zero scale.
+scale = max of the three; ratio = error / scale. No pass/fail here: verdict.py decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .inputs import Inputs, torch_dtype
+from .oracle import softmax_scale
+
+LEVELS = ("tensor", "slice", "row")
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().double().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def magnitude(inputs: Inputs, tensor: str) -> float:
+    """Typical size of `tensor`'s elements implied by the inputs alone."""
+    case = inputs.case
+    rq, rk, rv, rdo = (_rms(t) for t in (inputs.q, inputs.k, inputs.v, inputs.grad_out))
+    dp = rdo * rv * math.sqrt(case.value_dim)  # size of dP = dO·V^T, which dS inherits
+    scale = softmax_scale(case)
+    return {"out": rv, "dv": rdo, "dq": scale * dp * rk, "dk": scale * dp * rq}[tensor]
+
+
+@dataclass(frozen=True)
+class Level:
+    """Per-unit L2 norms at one level; all tensors share one shape (units)."""
+
+    err: torch.Tensor
+    floor: torch.Tensor
+    lowprec: torch.Tensor
+    eps: torch.Tensor
+    truth: torch.Tensor
+    count: int  # elements per unit
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.maximum(torch.maximum(self.floor, self.lowprec), self.eps)
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        return self.err / self.scale
+
+
+@dataclass(frozen=True)
+class TensorMetrics:
+    tensor: str
+    levels: dict[str, Level]
+    nan_count: int
+    inf_count: int
+    nonfinite_where_oracle_finite: int
+    oracle_nonfinite: int
+    nonfinite_pattern_matches: bool  # where the oracle is non-finite, so is the actual
+    oracle_absmax: float
+    worst_index: tuple[int, ...] | None
+    worst_actual: float | None
+    worst_oracle: float | None
+    max_abs_err: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, level: str) -> dict[str, float]:
+        lv = self.levels[level]
+        i = int(torch.argmax(torch.nan_to_num(lv.ratio, nan=math.inf)).item()) if lv.ratio.numel() else 0
+        flat = lambda t: float(t.reshape(-1)[i]) if t.numel() else 0.0  # noqa: E731
+        return {
+            "ratio": flat(lv.ratio), "err": flat(lv.err), "scale": flat(lv.scale), "floor": flat(lv.floor),
+            "lowprec": flat(lv.lowprec), "eps": flat(lv.eps),
+            "rel_err": flat(lv.err) / flat(lv.truth) if flat(lv.truth) > 0 else math.inf,
+            "index": list(torch.unravel_index(torch.tensor(i), lv.ratio.shape)) if lv.ratio.dim() else [],
+            "count": lv.count,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        slice_ratio = self.levels["slice"].ratio
+        return {
+            "levels": {name: self.summary(name) for name in LEVELS},
+            "slice_ratio": [[round(float(x), 4) for x in row] for row in slice_ratio],
+            "nan": self.nan_count, "inf": self.inf_count,
+            "nonfinite_where_oracle_finite": self.nonfinite_where_oracle_finite,
+            "oracle_nonfinite": self.oracle_nonfinite,
+            "oracle_absmax": self.oracle_absmax,
+            "max_abs_err": self.max_abs_err,
+            "worst": None if self.worst_index is None else {
+                "index": list(self.worst_index), "actual": self.worst_actual, "oracle": self.worst_oracle,
+            },
+            **self.extra,
+        }
+
+
+def _row_sq(t: torch.Tensor) -> torch.Tensor:
+    return t.pow(2).sum(-1)
+
+
+_REDUCE = {"row": (), "slice": (2,), "tensor": (0, 1, 2)}
+
+
+def _norm(rows2: torch.Tensor, level: str) -> torch.Tensor:
+    """Per-row squared sums (B, H, L) aggregated to `level`, as an L2 norm."""
+    dims = _REDUCE[level]
+    return (rows2.sum(dims) if dims else rows2).sqrt()
+
+
+def _count(shape: torch.Size, level: str) -> int:
+    b, h, l, d = shape
+    return {"row": d, "slice": l * d, "tensor": b * h * l * d}[level]
+
+
+def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
+                   inputs: Inputs) -> TensorMetrics:
+    """`actual` must already have the oracle's shape (the verdict checks the contract first)."""
+    dtype = torch_dtype(inputs.case)
+    a = actual.detach().to("cpu", torch.float64)
+    o = oracle.double()
+    a_finite, o_finite = torch.isfinite(a), torch.isfinite(o)
+    both = a_finite & o_finite
+    diff = torch.where(both, a - o, torch.zeros((), dtype=torch.float64))
+    floor_diff = torch.where(o_finite, o.to(dtype).double() - o, torch.zeros((), dtype=torch.float64))
+    o_clean = torch.where(o_finite, o, torch.zeros((), dtype=torch.float64))
+
+    err2, floor2, truth2 = _row_sq(diff), _row_sq(floor_diff), _row_sq(o_clean)
+    lp_rows = [_row_sq(torch.where(o_finite & torch.isfinite(lp), lp - o, torch.zeros((), dtype=torch.float64)))
+               for lp in lowprec]
+    # fp32 unit roundoff: where the truth is exactly 0 a correct (fp32-accumulating) kernel's error is
+    # fp32 cancellation noise; a dtype-sized term would dwarf the floor of small outputs.
+    eps_elem2 = (torch.finfo(torch.float32).eps / 2 * magnitude(inputs, name)) ** 2
+    levels = {}
+    for level in LEVELS:
+        err = _norm(err2, level)
+        count = _count(a.shape, level)
+        envelope = torch.stack([_norm(r, level) for r in lp_rows]).amax(0) if lp_rows else torch.zeros_like(err)
+        levels[level] = Level(
+            err=err, floor=_norm(floor2, level), lowprec=envelope,
+            eps=torch.full(err.shape, math.sqrt(eps_elem2 * count), dtype=torch.float64),
+            truth=_norm(truth2, level), count=count,
+        )
+
+    abs_diff = diff.abs()
+    worst = int(abs_diff.argmax()) if abs_diff.numel() else None
+    worst_index = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), a.shape)) if worst is not None else None
+    return TensorMetrics(
+        tensor=name,
+        levels=levels,
+        nan_count=int(torch.isnan(a).sum()),
+        inf_count=int(torch.isinf(a).sum()),
+        nonfinite_where_oracle_finite=int((~a_finite & o_finite).sum()),
+        oracle_nonfinite=int((~o_finite).sum()),
+        nonfinite_pattern_matches=bool((~a_finite | o_finite).all()),
+        oracle_absmax=float(o_clean.abs().max()) if o.numel() else 0.0,
+        worst_index=worst_index,
+        worst_actual=float(a.reshape(-1)[worst]) if worst is not None else None,
+        worst_oracle=float(o.reshape(-1)[worst]) if worst is not None else None,
+        max_abs_err=float(abs_diff.max()) if abs_diff.numel() else 0.0,
+    )
