@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 
 from . import Implementation, RegistryError, SdpaCall
 
@@ -29,6 +31,8 @@ def load_user_implementation(spec: str) -> Implementation:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise RegistryError(f"--impl {spec!r} is not of the form package.module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a user's module next to where they run us, as pytest does
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
@@ -41,12 +45,17 @@ def load_user_implementation(spec: str) -> Implementation:
     if not callable(fn):
         raise RegistryError(f"--impl {spec}: {attr!r} is not callable")
     check_signature(fn, spec)
+    return implementation_from_callable(fn, spec)
+
+
+def implementation_from_callable(fn, name: str) -> Implementation:
+    """Wrap a callable with F.scaled_dot_product_attention's signature as an implementation."""
 
     def forward(call: SdpaCall):
         return fn(query=call.query, key=call.key, value=call.value, attn_mask=call.attn_mask, dropout_p=0.0,
                   is_causal=call.is_causal, scale=call.scale, enable_gqa=call.enable_gqa)
 
     return Implementation(
-        name=spec, family="user", forward=forward, materialise_causal_bias=True,
-        description=f"user kernel {spec} (bottom-right causal arrives as a bool attn_mask)",
+        name=name, family="user", forward=forward, materialise_causal_bias=True,
+        description=f"user kernel {name} (bottom-right causal arrives as a bool attn_mask)",
     )
