@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     impls = sub.add_parser("implementations", help="what runs on this device, and why the rest do not")
     impls.add_argument("--device", default=None)
+
+    summ = sub.add_parser("summary", help="CI: report Markdown into $GITHUB_STEP_SUMMARY (1 MiB cap), artifact name")
+    summ.add_argument("paths", nargs="+", help="report directories or <label>.md/.json files")
+    summ.add_argument("--suffix", default="", help="makes the artifact name unique, e.g. the runner label")
+    summ.add_argument("--prefix", default="gqa-report", help="artifact name prefix (default: gqa-report)")
+    summ.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -153,17 +159,29 @@ def cmd_implementations(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations}
+def cmd_summary(args) -> int:
+    import os
+
+    from .ci import SUMMARY_LIMIT, summarize
+
+    code, printed = summarize([Path(p) for p in args.paths], args.suffix, args.prefix,
+                              args.limit if args.limit is not None else SUMMARY_LIMIT, dict(os.environ))
+    sys.stdout.write(printed)
+    return code
+
+
+COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations, "summary": cmd_summary}
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
     from .case import CaseError
+    from .ci import SummaryError
     from .env import DeviceError
     from .implementations import RegistryError
     from .known import KnownFailuresError
     from .suites import SuiteError
 
-    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError)
+    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError)
 
 
 def main(argv: list[str] | None = None) -> int:
