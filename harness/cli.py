@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--case", action="append", default=[], help="inline case, e.g. b=2,hq=32,hkv=8,lq=128,d=128")
     run.add_argument("--impl", action="append", default=[], help="built-in name or package.module:function")
     run.add_argument("--dtype", default=None, help="comma list to keep, e.g. bf16,fp16")
+    run.add_argument("--max-tokens", type=int, default=None,
+                     help="cap q/kv lengths at N (ratio and head geometry kept), e.g. models on a CPU")
     run.add_argument("--strict", action="store_true", help="KNOWN failures fail the run too")
     run.add_argument("--out", default="gqa-report", help="output directory (default: gqa-report)")
     run.add_argument("--no-canary", action="store_true", help=argparse.SUPPRESS)
@@ -50,20 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _select_cases(args) -> list:
-    from .case import parse_case_spec
-    from .suites import load_suite
+    from .suites import select_cases
 
-    cases = [parse_case_spec(spec) for spec in args.case]
-    if args.suite or not cases:
-        cases += [sc.case for sc in load_suite(args.suite or "smoke")]
-    if args.dtype:
-        keep = {d.strip() for d in args.dtype.split(",") if d.strip()}
-        from .case import DTYPES
-
-        bad = keep - set(DTYPES)
-        if bad:
-            raise UsageError(f"--dtype {','.join(sorted(bad))} is not one of {', '.join(DTYPES)}")
-        cases = [c for c in cases if c.dtype in keep]
+    suites = [args.suite or "smoke"] if args.suite or not args.case else []
+    cases = [sc.case for sc in select_cases(suites, args.case, args.dtype, args.max_tokens)]
     if not cases:
         raise UsageError("no cases selected")
     return cases
@@ -122,7 +114,7 @@ def cmd_run(args) -> int:
         sink.close()
         settings = {"command": " ".join(["gqa-harness", *sys.argv[1:]]), "started": started,
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "suite": args.suite, "implementations": [i.name for i in impls], "unavailable": unavailable,
+                    "suite": args.suite, "max_tokens": args.max_tokens, "implementations": [i.name for i in impls], "unavailable": unavailable,
                     "tolerances": plan.tol.as_dict(), "strict": args.strict}
         report = build_report(read_stream(stream), fingerprint(facts), settings)
         (out / f"{label}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
