@@ -1,0 +1,61 @@
+"""Device facts with injected environments: the CUDA and ROCm code paths without a GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from harness.env import DeviceError, device_facts, device_label, fingerprint, gpu_facts, pin_math_reduction
+from harness.implementations import builtin_implementations, resolve, RegistryError
+
+
+def test_cuda_facts_give_the_sm_architecture():
+    facts = gpu_facts("cuda:0", SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0), None)
+    assert (facts.kind, facts.arch, device_label(facts)) == ("cuda", "sm_90", "cuda-sm_90")
+
+
+def test_rocm_facts_come_from_gcn_arch_name_when_torch_has_hip():
+    props = SimpleNamespace(name="AMD Instinct MI300X", gcnArchName="gfx942:sramecc+:xnack-", major=9, minor=4)
+    facts = gpu_facts("cuda:0", props, "6.2.41133")
+    assert (facts.kind, facts.arch, device_label(facts)) == ("rocm", "gfx942", "rocm-gfx942")
+
+
+def test_backend_availability_follows_the_device_kind():
+    impls = builtin_implementations()
+    cuda = gpu_facts("cuda:0", SimpleNamespace(name="H100", major=9, minor=0), None)
+    rocm = gpu_facts("cuda:0", SimpleNamespace(name="MI300X", gcnArchName="gfx942"), "6.2")
+    cpu = device_facts("cpu")
+    assert impls["sdpa-cudnn"].available(cuda) is None
+    assert "no cudnn SDPA kernel for rocm" in impls["sdpa-cudnn"].available(rocm)
+    assert impls["sdpa-efficient"].available(rocm) is None
+    assert "no efficient SDPA kernel for cpu" in impls["sdpa-efficient"].available(cpu)
+    chosen, unavailable = resolve([], cuda)
+    assert {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "sdpa-default"} <= {i.name for i in chosen}
+    assert not any(i.canary for i in chosen)
+    chosen, unavailable = resolve([], cpu)
+    assert set(unavailable) == {"sdpa-efficient", "sdpa-cudnn", "expanded-kv-efficient", "expanded-kv-cudnn"}
+
+
+def test_asking_for_an_unavailable_or_unknown_implementation_is_bad_input():
+    with pytest.raises(RegistryError, match="not available on cpu"):
+        resolve(["sdpa-cudnn"], device_facts("cpu"))
+    with pytest.raises(RegistryError, match="unknown implementation 'sdpa-fast'"):
+        resolve(["sdpa-fast"], device_facts("cpu"))
+
+
+def test_a_gpu_that_is_not_there_is_a_one_line_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="is not there"):
+        device_facts("cuda:3")
+    with pytest.raises(DeviceError, match="unknown device"):
+        device_facts("tpu9")
+
+
+def test_fingerprint_records_the_pinned_math_reduction_setting():
+    assert pin_math_reduction(False) is False
+    fp = fingerprint(device_facts("cpu"))
+    assert fp["math_fp16_bf16_reduction_allowed"] is False
+    assert {"torch", "cuda", "hip", "cudnn", "device_label", "cpu", "python", "harness"} <= set(fp)
