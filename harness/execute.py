@@ -37,6 +37,7 @@ class Outputs:
     backward_error: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
     strides: dict[str, list[int]] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)  # where the kernel returned each tensor
 
 
 def synchronize(device: torch.device) -> None:
@@ -101,6 +102,8 @@ def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch
 
     result = Outputs(tensors={"out": out.detach().cpu() if isinstance(out, torch.Tensor) else out},
                      notes=dict(call.notes), strides=strides)
+    if isinstance(out, torch.Tensor):
+        result.devices["out"] = str(out.device)
     if not case.grads:
         return result
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
@@ -116,4 +119,6 @@ def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch
         return result
     for name, g in zip(("dq", "dk", "dv"), grads):
         result.tensors[name] = g.detach().cpu() if g is not None else None
+        if g is not None:
+            result.devices[name] = str(g.device)
     return result

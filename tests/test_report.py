@@ -61,3 +61,14 @@ def test_refusal_is_recognised_with_torchs_warning_as_the_reason():
 def test_sdpa_default_records_the_backend_dispatch_chose():
     outputs = run_implementation(builtin_implementations()["sdpa-default"], make_inputs(Case(1, 4, 2, 8, 8, 16)), "cpu")
     assert outputs.notes["dispatch"] in ("FLASH_ATTENTION", "MATH")
+
+
+def test_a_result_returned_on_the_wrong_device_is_a_contract_failure():
+    import torch
+
+    from harness.verdict import contract_problem
+
+    t = torch.zeros(2, 3)
+    assert contract_problem("out", t, (2, 3), torch.float32, "cuda:0", produced_on="cuda:0") is None
+    assert contract_problem("out", t, (2, 3), torch.float32, "cuda:0", produced_on="cpu") == "out is on cpu, expected cuda:0"
+    assert contract_problem("out", t, (2, 3), torch.float32, "cpu") is None
