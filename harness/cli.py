@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="gqa-report", help="output directory (default: gqa-report)")
     run.add_argument("--no-canary", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--resume", action="store_true", help="continue the stream in --out, skipping finished results")
+    run.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run each kernel N times on the same inputs; report bitwise non-determinism")
+    run.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="random work order, to surface "
+                     "order-dependent failures")
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="budget per (case, implementation) (default: scaled by the case's FLOPs)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run kernels in this process: no crash/hang isolation, no order check")
 
     env = sub.add_parser("env", help="print the environment fingerprint")
     env.add_argument("--device", default=None)
@@ -92,7 +102,7 @@ def cmd_run(args) -> int:
     from .implementations import canaries, resolve
     from .known import load_known
     from .report import build_report, exit_status, render_markdown
-    from .runner import JsonlSink, RunPlan, execute_plan, read_stream
+    from .runner import RunPlan, execute_plan, open_stream, read_stream
     from .verdict import load_tolerances
 
     facts = device_facts(args.device)
@@ -102,15 +112,17 @@ def cmd_run(args) -> int:
     label = device_label(facts)
     plan = RunPlan(cases=cases, impls=impls, canaries=[] if args.no_canary else canaries(facts), facts=facts,
                    tol=load_tolerances(), known=load_known(), device_label=label)
+    _reliability_options(plan, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stream = out / f"{label}.jsonl"
-    stream.unlink(missing_ok=True)
-    sink = JsonlSink(stream)
+    sink, done = open_stream(stream, fingerprint(facts), args.resume)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a killed job still writes its partial report
     try:
-        execute_plan(plan, sink, Progress(args.quiet))
+        execute_plan(plan, sink, Progress(args.quiet), done)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sink.close()
         settings = {"command": " ".join(["gqa-harness", *sys.argv[1:]]), "started": started,
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -127,6 +139,18 @@ def cmd_run(args) -> int:
         print(f"the canary passed on {facts.device}: this pipeline cannot fail here, its PASSes mean nothing",
               file=sys.stderr)
     return code
+
+
+def _reliability_options(plan, args) -> None:
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat} must be at least 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds")
+    plan.isolate, plan.timeout, plan.repeat, plan.shuffle = not args.in_process, args.timeout, args.repeat, args.shuffle
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_env(args) -> int:
@@ -171,9 +195,10 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     from .env import DeviceError
     from .implementations import RegistryError
     from .known import KnownFailuresError
+    from .runner import StreamError
     from .suites import SuiteError
 
-    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError)
+    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError, StreamError)
 
 
 def main(argv: list[str] | None = None) -> int:

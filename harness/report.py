@@ -146,6 +146,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                               tablefmt="github"))
         lines.append("")
     lines += _known_entries(report) + _canary_section(report) + _pass_table(report) + _unsupported(report)
+    lines += _reliability(report)
     lines += ["## Fingerprint", "", "```json", json.dumps(fp, indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -213,3 +214,11 @@ def _unsupported(report: dict[str, Any]) -> list[str]:
     rows = [[impl, n, why] for (impl, why), n in sorted(reasons.items())]
     rows += [[impl, "all", f"not available on this device: {why}"] for impl, why in sorted(unavailable.items())]
     return ["## Unsupported (torch's reason)", "", tabulate(rows, headers=["impl", "cases", "reason"], tablefmt="github"), ""]
+
+
+def _reliability(report: dict[str, Any]) -> list[str]:
+    """Order dependence of FAILs (re-run alone) and --repeat determinism: their homes render them."""
+    from .determinism import determinism_section
+    from .order import order_section
+
+    return order_section(report) + determinism_section(report)
