@@ -1,0 +1,145 @@
+"""Isolation: crashing, hanging, OOM and raising kernels in the same run as healthy ones.
+
+The faulty kernels (tests/faulty_kernels.py) run as user kernels in the worker process; each
+must be recorded as what it did, and every healthy result must come out exactly as it does
+when run in-process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.case import Case
+from harness.determinism import compare_runs, run_repeated
+from harness.execute import Outputs
+from harness.implementations import builtin_implementations
+from harness.implementations.user import load_user_implementation
+from harness.memory import OomTracker, device_bytes, skip_reason
+from harness.report import build_report
+from harness.runner import RunPlan, execute_plan, read_stream, JsonlSink, run_one
+from harness.verdict import Status
+from harness.worker import last_words, timeout_budget
+
+from .helpers import CPU, cached_references, tolerances
+
+CASE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
+
+
+def _faulty(name: str):
+    return load_user_implementation(f"tests.faulty_kernels:{name}")
+
+
+def _plan(cases, impls, **kw) -> RunPlan:
+    return RunPlan(cases=cases, impls=impls, canaries=[], facts=CPU, tol=tolerances(), known=[],
+                   device_label="cpu-test", **kw)
+
+
+@pytest.mark.slow
+def test_faulty_kernels_are_recorded_and_healthy_results_survive(tmp_path):
+    builtins = builtin_implementations()
+    impls = [builtins["sdpa-math"], _faulty("abort"), _faulty("healthy"), _faulty("hang"), builtins["sdpa-flash"],
+             _faulty("oom"), _faulty("wrong_shape"), _faulty("raises"), _faulty("device_fault"),
+             builtins["expanded-kv-math"]]
+    sink = JsonlSink(tmp_path / "run.jsonl")
+    plan = _plan([CASE], impls, isolate=True, timeout=10.0, order_check=False, log_dir=tmp_path / "logs")
+    results = {r.impl: r for r in execute_plan(plan, sink)}
+    sink.close()
+
+    def err(name):
+        r = results[f"tests.faulty_kernels:{name}"]
+        assert r.status is Status.ERROR, (name, r)
+        return r
+
+    assert err("abort").error_kind == "crash"
+    assert "SIGABRT" in err("abort").error and "assertion `tile < num_tiles' failed" in err("abort").error
+    assert err("hang").error_kind == "timeout" and "10 s" in err("hang").error
+    assert err("oom").error_kind == "oom" and "out of memory" in err("oom").error
+    assert err("raises").error_kind == "exception"
+    assert err("raises").error.startswith("ValueError: injected failure")
+    assert err("device_fault").error_kind == "crash" and "context poisoned" in err("device_fault").error
+    wrong = err("wrong_shape").tensors["out"]
+    assert wrong.status is Status.FAIL and wrong.rule == "contract" and "shape (1, 32, 4, 64)" in wrong.reason
+
+    # healthy kernels before, between and after the faulty ones: exactly the in-process result
+    refs = cached_references(CASE)
+    for name in ("sdpa-math", "sdpa-flash", "expanded-kv-math", "tests.faulty_kernels:healthy"):
+        isolated = results[name]
+        impl = builtins.get(name) or _faulty("healthy")
+        alone = run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
+        assert isolated.status is Status.PASS, (name, isolated)
+        for t, v in isolated.tensors.items():
+            assert v.metrics.levels["tensor"].err == alone.tensors[t].metrics.levels["tensor"].err, (name, t)
+
+    # and the stream holds every one of them, so the report does too
+    report = build_report(read_stream(tmp_path / "run.jsonl"), {}, {})
+    assert {r["impl"] for r in report["results"]} == {i.name for i in impls}
+
+
+def test_oom_is_recorded_and_bigger_siblings_of_that_implementation_are_skipped():
+    mid = CASE.replace(q_len=64, kv_len=64)
+    big, small = mid.replace(q_len=128, kv_len=128), CASE
+    oom, healthy = _faulty("oom"), builtin_implementations()["sdpa-math"]
+    results = {(r.case_id, r.impl): r for r in execute_plan(_plan([mid, big, small], [oom, healthy]), lambda rec: None)}
+    assert results[(mid.id, oom.name)].error_kind == "oom"
+    skipped = results[(big.id, oom.name)]
+    assert skipped.status is Status.ERROR and skipped.error_kind == "oom" and mid.id in skipped.error
+    assert "skipped" in skipped.error
+    assert "skipped" not in results[(small.id, oom.name)].error  # a smaller case is still tried
+    assert all(results[(c.id, healthy.name)].status is Status.PASS for c in (mid, big, small))
+
+
+def test_a_case_whose_references_cannot_fit_is_skipped_up_front(monkeypatch):
+    assert skip_reason(CASE, available=1_000) is not None and "host memory" in skip_reason(CASE, available=1_000)
+    assert skip_reason(CASE, available=1 << 40) is None
+    monkeypatch.setattr("harness.memory.available_host_bytes", lambda: 1_000)
+    (result,) = execute_plan(_plan([CASE], [builtin_implementations()["sdpa-math"]]), lambda rec: None)
+    assert result.status is Status.UNSUPPORTED and result.error_kind == "memory"
+
+
+def test_oom_tracker_orders_cases_by_device_footprint():
+    tracker = OomTracker()
+    tracker.record("k", CASE.replace(q_len=64, kv_len=64))
+    assert device_bytes(CASE.replace(q_len=128, kv_len=128)) > device_bytes(CASE)
+    assert tracker.skip_reason("k", CASE.replace(q_len=128, kv_len=128))
+    assert tracker.skip_reason("k", CASE) is None
+    assert tracker.skip_reason("other", CASE.replace(q_len=128, kv_len=128)) is None
+
+
+def test_timeout_budget_scales_with_flops_and_can_be_overridden():
+    small, big = CASE, CASE.replace(q_len=4096, kv_len=4096)
+    assert timeout_budget(big, "cpu") > timeout_budget(small, "cpu") > 0
+    assert timeout_budget(big, "cuda") < timeout_budget(big, "cpu")
+    assert timeout_budget(big, "cpu", repeat=3) > timeout_budget(big, "cpu")
+    assert timeout_budget(big, "cpu", override=7.0) == 7.0
+
+
+def test_last_words_quote_the_kernel_not_the_faulthandler_dump():
+    dump = ("my_kernel.cu:88: block 3: assertion failed\nFatal Python error: Aborted\n\n"
+            "Current thread 0x00007f (most recent call first):\n  File \"k.py\", line 3 in abort\n\n"
+            "Extension modules: numpy, torch._C (total: 2)")
+    assert last_words(dump) == "my_kernel.cu:88: block 3: assertion failed"
+    assert last_words("") == ""
+
+
+def test_repeat_reports_bitwise_nondeterminism_per_tensor():
+    base = {"out": torch.ones(2, 3), "dq": torch.zeros(2, 3)}
+    calls = iter(range(10))
+
+    def run():
+        i = next(calls)
+        return Outputs(tensors={"out": base["out"].clone(), "dq": base["dq"] + (1e-3 if i == 2 else 0.0)})
+
+    det = run_repeated(run, 3).notes["determinism"]
+    assert det["out"] == {"runs": 3, "differing_runs": 0, "deterministic": True, "max_abs_diff": 0.0}
+    assert det["dq"]["deterministic"] is False and det["dq"]["differing_runs"] == 1
+    assert det["dq"]["max_abs_diff"] == pytest.approx(1e-3)
+    # -0.0 and 0.0 compare equal as numbers but not as bits
+    assert not compare_runs({"x": torch.zeros(1)}, [{"x": -torch.zeros(1)}])["x"]["deterministic"]
+
+
+def test_repeat_in_a_run_records_determinism_beside_the_verdict():
+    (result,) = execute_plan(_plan([CASE], [builtin_implementations()["sdpa-math"]], repeat=2), lambda rec: None)
+    assert result.status is Status.PASS
+    assert set(result.notes["determinism"]) == {"out", "dq", "dk", "dv"}
+    assert all(d["deterministic"] for d in result.notes["determinism"].values())
