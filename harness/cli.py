@@ -58,7 +58,42 @@ def _parser() -> argparse.ArgumentParser:
     summ.add_argument("--suffix", default="", help="makes the artifact name unique, e.g. the runner label")
     summ.add_argument("--prefix", default="gqa-report", help="artifact name prefix (default: gqa-report)")
     summ.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    _add_issue10_parsers(sub)
     return p
+
+
+def _add_issue10_parsers(sub) -> None:
+    """compare, diff, noise, shrink, repro: commands on saved reports or on one failing case."""
+    cmp = sub.add_parser("compare", help="merge per-device reports into one cross-device matrix")
+    cmp.add_argument("reports", nargs="+", help="report JSON files (<label>.json), one or more per device")
+    cmp.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: Markdown on stdout)")
+    dif = sub.add_parser("diff", help="CI gate: exit 1 when NEW regressed against BASELINE")
+    dif.add_argument("baseline", help="baseline report, e.g. reports/baselines/cpu-x86_64.json")
+    dif.add_argument("new", help="the new report of the same device")
+    dif.add_argument("--noise", default=None, help="noise-band file (default: <baseline>.noise.json beside it)")
+    dif.add_argument("--out", default=None, help="also write FILE.md and FILE.json")
+    noise = sub.add_parser("noise", help="measure diff's noise band from a multi-seed report")
+    noise.add_argument("report", help="report of a multi-seed run (reports/baselines/noise-suite.toml)")
+    noise.add_argument("--out", required=True, help="noise-band JSON, e.g. reports/baselines/cpu-x86_64.noise.json")
+    for name, text in (("shrink", "find a smaller case that fails the same way"),
+                       ("repro", "write a standalone repro script and an issue body for a failure")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--case", required=True, help="the failing case, e.g. b=1,hq=32,hkv=1,lq=128,d=64")
+        cmd.add_argument("--impl", required=True, help="built-in name or package.module:function")
+        cmd.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+        cmd.add_argument("--tensor", default=None, choices=("out", "dq", "dk", "dv"),
+                         help="the failing tensor to keep (default: the worst one)")
+        cmd.add_argument("--budget", type=float, default=300.0, help="shrink time budget in seconds (default 300)")
+    shr = sub.choices["shrink"]
+    shr.add_argument("--out", default=None, help="write the result as JSON")
+    rep = sub.choices["repro"]
+    rep.add_argument("--shrink", action="store_true", help="shrink the case first")
+    rep.add_argument("--out", default="gqa-repro", help="directory for repro.py, issue.md (default: gqa-repro)")
+    rep.add_argument("--title", default=None, help="issue title (default: generated)")
+    rep.add_argument("--note", default="", help="a paragraph for 'Describe the bug'")
+    rep.add_argument("--collect-env", action="store_true", help="add `python -m torch.utils.collect_env` output")
+    rep.add_argument("--plots", action="store_true", help="per-(batch, head) heat map and error-vs-position PNGs "
+                     "(needs the `plots` extra: matplotlib)")
 
 
 def _select_cases(args) -> list:
@@ -186,19 +221,115 @@ def cmd_summary(args) -> int:
     return code
 
 
-COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations, "summary": cmd_summary}
+def cmd_compare(args) -> int:
+    from .compare import build_matrix, render_matrix, write_matrix
+
+    matrix = build_matrix(args.reports)
+    for line in matrix.refused:
+        print(f"gqa-harness compare: refused {line}", file=sys.stderr)
+    if args.out:
+        md, js = write_matrix(matrix, Path(args.out))
+        print(f"{len(matrix.rows)} rows, {len(matrix.devices)} device(s); wrote {md} and {js}")
+    else:
+        print(render_matrix(matrix))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .compare import load_report
+    from .diff import diff_reports, noise_for, render_diff
+
+    baseline, new = load_report(args.baseline), load_report(args.new)
+    result = diff_reports(baseline, new, noise_for(Path(args.baseline), baseline, args.noise))
+    text = render_diff(result, args.baseline, args.new)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False))
+    print(text)
+    return result.exit_status
+
+
+def cmd_noise(args) -> int:
+    from .compare import load_report
+    from .diff import measure_noise
+
+    bands = measure_noise(load_report(args.report), args.report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(bands.to_dict(), indent=1))
+    print(f"noise bands {bands.bands}; wrote {args.out}")
+    return 0
+
+
+def _failure(args):
+    from .case import parse_case_spec
+    from .env import device_facts
+    from .implementations import resolve
+
+    facts = device_facts(args.device)
+    impls, _ = resolve([args.impl], facts)
+    return parse_case_spec(args.case), impls[0], facts
+
+
+def _shrunk(args, case, impl, facts):
+    from .shrink import judge_with, shrink
+
+    result = shrink(case, impl, judge_with(impl, facts), args.tensor, args.budget)
+    print(f"{impl.name}: {result.signature} on {case.id} → {result.case.id} ({result.evaluations} evaluations, "
+          f"{result.seconds:.0f} s, {'locally minimal' if result.locally_minimal else 'time budget reached'})",
+          file=sys.stderr)
+    return result
+
+
+def cmd_shrink(args) -> int:
+    from .case import case_spec
+
+    case, impl, facts = _failure(args)
+    result = _shrunk(args, case, impl, facts)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
+    print(json.dumps(result.to_dict(), indent=1))
+    print(f"next: gqa-harness repro --device {facts.device} --case '{case_spec(result.case)}' --impl {impl.name} "
+          f"--tensor {result.signature.tensor or 'out'}", file=sys.stderr)
+    return 0
+
+
+def cmd_repro(args) -> int:
+    from .repro import write_repro
+
+    case, impl, facts = _failure(args)
+    shrunk = _shrunk(args, case, impl, facts) if args.shrink else None
+    repro = write_repro(shrunk.case if shrunk else case, impl, facts, Path(args.out),
+                        tensor=shrunk.signature.tensor or None if shrunk else args.tensor, title=args.title,
+                        note=args.note, shrunk=shrunk, collect_env=args.collect_env, plots=args.plots)
+    print(repro.script_output)
+    if not repro.reproduces:
+        print(f"gqa-harness repro: {repro.script} exits 0 here: it does not reproduce the failure", file=sys.stderr)
+        return 1
+    print(f"wrote {repro.script} (exits {repro.script_exit} while the bug is present) and {repro.issue}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations, "summary": cmd_summary,
+            "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "shrink": cmd_shrink, "repro": cmd_repro}
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
     from .case import CaseError
     from .ci import SummaryError
+    from .compare import ReportError
+    from .repro_script import ReproError
+    from .shrink import ShrinkError
     from .env import DeviceError
     from .implementations import RegistryError
     from .known import KnownFailuresError
     from .runner import StreamError
     from .suites import SuiteError
 
-    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError, StreamError)
+    return (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError, StreamError,
+            ReportError, ReproError, ShrinkError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,251 @@
+"""Saved per-device reports merged into one cross-vendor matrix.
+
+Rows are (case, implementation, tensor); there is one column per device (named from the
+report's fingerprint); each cell is the verdict with error / scale at the level that
+decides (the failing level for a failure, the whole tensor otherwise). Rows where the
+devices disagree ("fails on gfx942, passes on sm_90") come first.
+
+Two things make a row incomparable, and those rows are refused with a message rather
+than shown: a report of another schema version (its fields may mean something else),
+and a case whose input SHA-256s differ between reports (torch's RNG stream changed, so
+the devices did not see the same inputs). `report_rows` is also what diff.py reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .metrics import LEVELS
+from .report import SCHEMA_VERSION
+
+TENSOR_NAMES = ("out", "dq", "dk", "dv")
+FAILS = ("FAIL", "ERROR", "KNOWN")  # the kernel is wrong there (KNOWN: wrong, and on file)
+PASSES = ("PASS", "FIXED")
+
+
+class ReportError(ValueError):
+    """A report file that cannot be read as a gqa-harness report; one line naming the file."""
+
+
+RowKey = tuple[str, str, str]  # (case_id, impl, tensor)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (case, implementation, tensor) on one device."""
+
+    status: str
+    level: str = ""  # the level `ratio` is read at
+    ratio: float | None = None  # error / scale at `level`
+    ratios: dict[str, float] = field(default_factory=dict)  # every level's worst error / scale
+    reason: str = ""
+
+    @property
+    def outcome(self) -> str:
+        return "fails" if self.status in FAILS else "passes" if self.status in PASSES else "n/a"
+
+    def text(self) -> str:
+        if self.ratio is None:
+            return self.status
+        where = "" if self.level == "tensor" else f" {self.level}"
+        return f"{self.status} {self.ratio:.3g}×{where}"
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such report") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not a JSON report ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("schema_version", "fingerprint", "cases", "results") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ReportError(f"{path}: not a gqa-harness report (missing {', '.join(missing)})")
+    return report
+
+
+def _cell(result: dict[str, Any], tensor: dict[str, Any] | None) -> Cell:
+    if tensor is None:  # the whole result is ERROR / UNSUPPORTED: no tensor was judged
+        return Cell(result["status"], reason=result.get("error", ""))
+    levels = ((tensor.get("metrics") or {}).get("levels") or {})
+    ratios = {lv: levels[lv]["ratio"] for lv in LEVELS if lv in levels and levels[lv].get("ratio") is not None}
+    level = tensor.get("rule") if tensor.get("rule") in ratios else "tensor"
+    return Cell(tensor["status"], level if level in ratios else "", ratios.get(level), ratios, tensor.get("reason", ""))
+
+
+def report_rows(report: dict[str, Any]) -> dict[RowKey, Cell]:
+    """Every judged (case, implementation, tensor) of a report, canaries left out."""
+    rows: dict[RowKey, Cell] = {}
+    for result in report["results"]:
+        if result.get("canary"):
+            continue
+        tensors = result.get("tensors") or {}
+        if tensors:
+            for name, t in tensors.items():
+                rows[(result["case_id"], result["impl"], name)] = _cell(result, t)
+            continue
+        case = (report["cases"].get(result["case_id"]) or {}).get("case") or {}
+        for name in TENSOR_NAMES if case.get("grads", True) else ("out",):
+            rows[(result["case_id"], result["impl"], name)] = _cell(result, None)
+    return rows
+
+
+@dataclass(frozen=True)
+class Device:
+    column: str
+    path: str
+    fingerprint: dict[str, Any]
+    canary_ok: bool
+
+
+def _columns(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The device label; the device name, then torch, then a counter where labels collide
+    (H100 and H200 are both cuda-sm_90)."""
+    fps = [r["fingerprint"] for _, r in reports]
+    names = [str(fp.get("device_label") or fp.get("device") or "device") for fp in fps]
+    for extra in ("device_name", "torch"):
+        counts = defaultdict(int)
+        for n in names:
+            counts[n] += 1
+        names = [f"{n} {fp.get(extra)}" if counts[n] > 1 and fp.get(extra) else n for n, fp in zip(names, fps)]
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for n in names:
+        seen[n] += 1
+        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    key: RowKey
+    cells: dict[str, Cell]  # column -> cell (absent: not run on that device)
+    group: str  # disagree | fails | passes | other
+    note: str
+
+
+@dataclass(frozen=True)
+class Matrix:
+    devices: list[Device]
+    rows: list[Row]
+    refused: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "devices": [asdict(d) for d in self.devices],
+            "refused": self.refused,
+            "rows": [{"case_id": r.key[0], "impl": r.key[1], "tensor": r.key[2], "group": r.group, "note": r.note,
+                      "cells": {c: asdict(cell) for c, cell in r.cells.items()}} for r in self.rows],
+        }
+
+
+def _classify(cells: dict[str, Cell]) -> tuple[str, str]:
+    by = defaultdict(list)
+    for column, cell in cells.items():
+        by[cell.outcome].append(column)
+    if by["fails"] and by["passes"]:
+        return "disagree", f"fails on {', '.join(by['fails'])}, passes on {', '.join(by['passes'])}"
+    if by["fails"]:
+        return "fails", f"fails on {', '.join(by['fails'])}"
+    if by["passes"]:
+        return "passes", ""
+    return "other", ", ".join(sorted({c.status for c in cells.values()}))
+
+
+def _hash_conflicts(reports: list[tuple[str, dict[str, Any]]], columns: list[str]) -> dict[str, str]:
+    """case_id -> why its rows are refused, for cases whose inputs differ between reports."""
+    seen: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for column, (_, report) in zip(columns, reports):
+        for case_id, info in report["cases"].items():
+            hashes = json.dumps(info.get("input_sha256") or {}, sort_keys=True)
+            seen[case_id][hashes].append(f"{column} (torch {report['fingerprint'].get('torch')})")
+    out = {}
+    for case_id, groups in seen.items():
+        if len(groups) > 1:
+            parts = list(groups.values())
+            differing = sorted({k for h in groups for k, v in json.loads(h).items()
+                                if any(json.loads(o).get(k) != v for o in groups)})
+            out[case_id] = (f"{case_id}: input SHA-256 differ ({', '.join(differing)}) between "
+                            + " vs ".join(", ".join(p) for p in parts)
+                            + "; the devices did not see the same inputs (torch RNG stream changed?), rows refused")
+    return out
+
+
+def build_matrix(paths: list[str | Path]) -> Matrix:
+    loaded = [(str(p), load_report(p)) for p in paths]
+    refused: list[str] = []
+    usable = []
+    for path, report in loaded:
+        if report["schema_version"] != SCHEMA_VERSION:
+            refused.append(f"{path}: schema_version {report['schema_version']}, this harness reads {SCHEMA_VERSION}; "
+                           "all its rows refused (re-run it with this harness version)")
+        else:
+            usable.append((path, report))
+    if not usable:
+        raise ReportError("no report could be compared: " + "; ".join(refused))
+    columns = _columns(usable)
+    conflicts = _hash_conflicts(usable, columns)
+    refused += sorted(conflicts.values())
+    cells: dict[RowKey, dict[str, Cell]] = defaultdict(dict)
+    for column, (_, report) in zip(columns, usable):
+        for key, cell in report_rows(report).items():
+            if key[0] not in conflicts:
+                cells[key][column] = cell
+    order = {"disagree": 0, "fails": 1, "other": 2, "passes": 3}
+    rows = [Row(key, c, *_classify(c)) for key, c in cells.items()]
+    worst = lambda r: max((c.ratio or 0.0) for c in r.cells.values())  # noqa: E731
+    rows.sort(key=lambda r: (order[r.group], -worst(r), r.key))
+    devices = [Device(col, path, rep["fingerprint"], bool(rep.get("summary", {}).get("canary_failed_as_expected")))
+               for col, (path, rep) in zip(columns, usable)]
+    return Matrix(devices, rows, refused)
+
+
+def _table(rows: list[Row], columns: list[str], note: bool) -> str:
+    body = [[r.key[0], r.key[1], r.key[2], *(r.cells[c].text() if c in r.cells else "—" for c in columns),
+             *([r.note] if note else [])] for r in rows]
+    return tabulate(body, headers=["case", "impl", "tensor", *columns, *(["devices"] if note else [])], tablefmt="github")
+
+
+def render_matrix(m: Matrix) -> str:
+    columns = [d.column for d in m.devices]
+    fp_rows = [[d.column, d.fingerprint.get("device_name"), d.fingerprint.get("torch"),
+                d.fingerprint.get("cuda") or d.fingerprint.get("hip") or "—", d.fingerprint.get("cudnn") or "—",
+                "failed as expected" if d.canary_ok else "DID NOT FAIL: this column cannot be trusted", d.path]
+               for d in m.devices]
+    lines = ["# gqa-harness cross-device matrix", "",
+             tabulate(fp_rows, headers=["column", "device", "torch", "CUDA/HIP", "cuDNN", "canary", "report"],
+                      tablefmt="github"), "",
+             "Cell: verdict and error / scale, where scale = max(dtype floor, low-precision reference, fp32 eps × "
+             "magnitude); read at the failing level (slice, row) for a failure, the whole tensor otherwise. "
+             "A correct kernel stays under the level's factor (tensor 2, slice 2.5, row 5). — = not run there.", ""]
+    if m.refused:
+        lines += ["## Refused", "", *(f"- {r}" for r in m.refused), ""]
+    sections = [("disagree", "Devices disagree", True), ("fails", "Fail on every device that judged them", True),
+                ("other", "Not judged anywhere (unsupported, out of range)", True),
+                ("passes", "Pass on every device that judged them", False)]
+    for group, title, note in sections:
+        rows = [r for r in m.rows if r.group == group]
+        if not rows:
+            continue
+        lines += [f"## {title} ({len(rows)})", ""]
+        if group == "passes" and len(rows) > 40:
+            lines += ["<details><summary>show</summary>", "", _table(rows, columns, note), "", "</details>", ""]
+        else:
+            lines += [_table(rows, columns, note), ""]
+    return "\n".join(lines)
+
+
+def write_matrix(m: Matrix, out: Path) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = out.with_suffix(".md"), out.with_suffix(".json")
+    md.write_text(render_matrix(m))
+    js.write_text(json.dumps(m.to_dict(), indent=1, allow_nan=False))
+    return md, js

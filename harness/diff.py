@@ -1,0 +1,232 @@
+"""The CI gate: a new report against a baseline report of the same device.
+
+The gate fails (exit 1) when
+  * a (case, implementation, tensor) that passed in the baseline fails now (KNOWN counts as
+    failing: a known-failures entry must not hide a new regression), or a KNOWN one is now
+    beyond its ceiling (FAIL/ERROR);
+  * a baseline row disappeared, or is no longer judged (UNSUPPORTED): a dropped case or
+    backend must not pass silently;
+  * error / scale grew, at some level, by more than the noise band of that level;
+  * a row new in this report fails.
+Fixed rows (failing before, passing now) are listed; they do not fail the gate.
+
+The noise band. Re-running a deterministic kernel on the same inputs reproduces its error
+exactly, so repeated runs say nothing about how much error movement is normal. What does:
+the same kernel on re-drawn inputs (another seed) of the same case. An equally correct
+kernel with another accumulation order, or the same kernel after torch changes its RNG
+stream, moves error / scale by about as much as a re-draw does. So the band of a level is
+the largest max/min ratio of error / scale across seeds over every (case, implementation,
+tensor) of a multi-seed noise run (reports/baselines/noise-suite.toml): growth beyond what
+any re-draw produced on this device is a regression. `measure_noise` computes it; the
+result lives beside the baseline as <label>.noise.json with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .compare import Cell, ReportError, RowKey, load_report, report_rows
+from .metrics import LEVELS
+
+JUDGED = ("FAIL", "KNOWN", "PASS", "FIXED")  # statuses that carry error / scale numbers
+GATING = ("regressed", "grew", "disappeared", "unjudged", "new-failure")
+
+
+@dataclass(frozen=True)
+class NoiseBands:
+    """Largest growth factor of error / scale, per level, that re-drawing inputs produced."""
+
+    bands: dict[str, float]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    spreads: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_noise(path: str | Path) -> NoiseBands:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        bands = {lv: float(data["bands"][lv]) for lv in LEVELS}
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such noise file") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: not a noise-band file ({type(exc).__name__}: {exc})") from None
+    return NoiseBands(bands, data.get("provenance", {}), data.get("spreads", {}))
+
+
+def _family(case: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in case.items() if k != "seed"}, sort_keys=True)
+
+
+def seed_spreads(report: dict[str, Any]) -> dict[str, list[float]]:
+    """Per level: max/min of error / scale across seeds, one value per (case-without-seed, impl, tensor)."""
+    groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (case_id, impl, tensor), cell in report_rows(report).items():
+        case = (report["cases"].get(case_id) or {}).get("case")
+        if case is None or cell.status not in JUDGED:
+            continue
+        for level, ratio in cell.ratios.items():
+            groups[(_family(case), impl, tensor)][level].append(ratio)
+    out: dict[str, list[float]] = {lv: [] for lv in LEVELS}
+    for per_level in groups.values():
+        for level, ratios in per_level.items():
+            if len(ratios) >= 2 and min(ratios) > 0:
+                out[level].append(max(ratios) / min(ratios))
+    return out
+
+
+def measure_noise(report: dict[str, Any], source: str = "") -> NoiseBands:
+    spreads = seed_spreads(report)
+    if not all(spreads.values()):
+        raise ReportError(f"{source or 'report'}: no case has results for two or more seeds; run a multi-seed "
+                          "suite (reports/baselines/noise-suite.toml)")
+    seeds = sorted({(c.get("case") or {}).get("seed") for c in report["cases"].values()} - {None})
+    fp = report["fingerprint"]
+    summary = {lv: {"groups": len(v), "median": statistics.median(v), "max": max(v)} for lv, v in spreads.items()}
+    return NoiseBands(
+        bands={lv: max(v) for lv, v in spreads.items()},
+        provenance={"report": source, "device_label": fp.get("device_label"), "device_name": fp.get("device_name"),
+                    "torch": fp.get("torch"), "seeds": seeds, "command": (report.get("settings") or {}).get("command"),
+                    "finished": (report.get("settings") or {}).get("finished"),
+                    "rule": "band = max over (case without seed, impl, tensor) of max/min error/scale across seeds"},
+        spreads=summary,
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    key: RowKey
+    kind: str  # regressed | grew | disappeared | unjudged | new-failure | fixed | new | same
+    before: Cell | None
+    after: Cell | None
+    detail: str = ""
+
+    @property
+    def gates(self) -> bool:
+        return self.kind in GATING
+
+
+def _growth(before: Cell, after: Cell, bands: NoiseBands) -> str:
+    grown = []
+    for level in LEVELS:
+        b, a = before.ratios.get(level), after.ratios.get(level)
+        if b and a is not None and a / b > bands.bands[level]:
+            grown.append(f"{level} {b:.3g}→{a:.3g}× (×{a / b:.2f} > band ×{bands.bands[level]:.2f})")
+    return "; ".join(grown)
+
+
+def classify(key: RowKey, before: Cell | None, after: Cell | None, bands: NoiseBands) -> Change:
+    if before is None:
+        assert after is not None
+        return Change(key, "new-failure" if after.outcome == "fails" else "new", None, after, after.reason[:200])
+    if after is None:
+        return Change(key, "disappeared", before, None, f"was {before.status}; the row is not in the new report")
+    b, a = before.outcome, after.outcome
+    if b == "passes" and a == "fails" or before.status == "KNOWN" and after.status in ("FAIL", "ERROR"):
+        return Change(key, "regressed", before, after, after.reason[:300])
+    if b != "n/a" and a == "n/a":
+        return Change(key, "unjudged", before, after, f"{before.status} → {after.status}: {after.reason[:200]}")
+    if b == "fails" and a == "passes":
+        return Change(key, "fixed", before, after, f"{before.status} → {after.status}")
+    grown = _growth(before, after, bands) if before.status in JUDGED and after.status in JUDGED else ""
+    if grown:
+        return Change(key, "grew", before, after, grown)
+    return Change(key, "same", before, after)
+
+
+@dataclass(frozen=True)
+class Diff:
+    changes: list[Change]
+    bands: NoiseBands
+    notes: list[str]
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if any(c.gates for c in self.changes) else 0
+
+    def of(self, kind: str) -> list[Change]:
+        return [c for c in self.changes if c.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exit_status": self.exit_status, "bands": self.bands.to_dict(), "notes": self.notes,
+                "changes": [{"case_id": c.key[0], "impl": c.key[1], "tensor": c.key[2], "kind": c.kind,
+                             "before": asdict(c.before) if c.before else None,
+                             "after": asdict(c.after) if c.after else None, "detail": c.detail}
+                            for c in self.changes if c.kind != "same"]}
+
+
+def _notes(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    notes = []
+    fb, fn = baseline["fingerprint"], new["fingerprint"]
+    if fb.get("device_label") != fn.get("device_label"):
+        notes.append(f"devices differ: baseline {fb.get('device_label')}, new {fn.get('device_label')}")
+    if fb.get("torch") != fn.get("torch"):
+        notes.append(f"torch {fb.get('torch')} → {fn.get('torch')}")
+    differ = [cid for cid, c in new["cases"].items()
+              if cid in baseline["cases"] and c.get("input_sha256") != baseline["cases"][cid].get("input_sha256")]
+    if differ:
+        notes.append(f"{len(differ)} case(s) got other inputs than in the baseline (torch RNG stream changed?), "
+                     f"e.g. {differ[0]}: their errors are compared as a re-draw, which is what the noise band covers")
+    if any(r.get("canary") for r in new["results"]) and not new["summary"].get("canary_failed_as_expected"):
+        notes.append("the canary did not fail in the new report: its PASSes mean nothing (the run itself exits 1)")
+    return notes
+
+
+def diff_reports(baseline: dict[str, Any], new: dict[str, Any], bands: NoiseBands) -> Diff:
+    if baseline["schema_version"] != new["schema_version"]:
+        raise ReportError(f"schema versions differ (baseline {baseline['schema_version']}, new "
+                          f"{new['schema_version']}): refresh the baseline with this harness")
+    before, after = report_rows(baseline), report_rows(new)
+    keys = sorted(set(before) | set(after))
+    changes = [classify(k, before.get(k), after.get(k), bands) for k in keys]
+    order = {k: i for i, k in enumerate((*GATING, "fixed", "new", "same"))}
+    changes.sort(key=lambda c: (order[c.kind], c.key))
+    return Diff(changes, bands, _notes(baseline, new))
+
+
+def noise_for(baseline_path: Path, baseline: dict[str, Any], noise_path: str | None) -> NoiseBands:
+    """--noise FILE, else <baseline>.noise.json beside it, else the baseline's own seed spread."""
+    if noise_path:
+        return load_noise(noise_path)
+    sibling = baseline_path.with_name(baseline_path.stem + ".noise.json")
+    if sibling.exists():
+        return load_noise(sibling)
+    try:
+        return measure_noise(baseline, str(baseline_path))
+    except ReportError:
+        raise ReportError(f"no noise band for {baseline_path}: give --noise FILE or put {sibling.name} beside it "
+                          "(README: 'Refresh a baseline')") from None
+
+
+def _cell_text(c: Cell | None) -> str:
+    return "—" if c is None else c.text()
+
+
+def render_diff(d: Diff, baseline: str, new: str) -> str:
+    lines = [f"# gqa-harness diff: {new} against {baseline}", "",
+             f"Gate: {'FAIL' if d.exit_status else 'pass'} · noise bands (max growth of error/scale across seeds): "
+             + ", ".join(f"{lv} ×{b:.2f}" for lv, b in d.bands.bands.items()), ""]
+    lines += [f"- {n}" for n in d.notes] + ([""] if d.notes else [])
+    titles = {"regressed": "Passed in the baseline, fail now", "grew": "Error grew beyond the noise band",
+              "disappeared": "Baseline rows that disappeared", "unjudged": "No longer judged",
+              "new-failure": "New rows that fail", "fixed": "Fixed", "new": "New rows that pass"}
+    for kind, title in titles.items():
+        rows = d.of(kind)
+        if not rows:
+            continue
+        lines += [f"## {title} ({len(rows)})", ""]
+        lines.append(tabulate([[*c.key, _cell_text(c.before), _cell_text(c.after), c.detail[:240]] for c in rows],
+                              headers=["case", "impl", "tensor", "baseline", "new", "detail"], tablefmt="github"))
+        lines.append("")
+    same = len(d.of("same"))
+    lines.append(f"{same} row(s) unchanged within the noise band.")
+    return "\n".join(lines) + "\n"
