@@ -78,3 +78,17 @@ class _PlannedBackward(torch.autograd.Function):
 def stateful(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Right on the first call for a shape; wrong when a later call of that shape brings another grad_out layout."""
     return _PlannedBackward.apply(healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa))
+
+
+def gated(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Correct, but on q_len 48 it waits until the file named by $GQA_TEST_GATE exists: a run to interrupt."""
+    gate = os.environ.get("GQA_TEST_GATE")
+    if gate and query.shape[-2] == 48:
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+
+
+def wrong_signature(q, k, v):
+    """Not F.scaled_dot_product_attention's signature: --impl must refuse it up front."""
+    return q
