@@ -1,0 +1,79 @@
+"""Order dependence: a FAIL that passes alone in a fresh process is reported with what preceded it."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from harness.case import Case
+from harness.implementations import builtin_implementations
+from harness.implementations.user import load_user_implementation
+from harness.order import _parse_call, candidate_singles, order_section, shrink
+from harness.report import build_report
+from harness.runner import RunPlan, execute_plan, layout_sibling_key, plan_work
+from harness.verdict import Status
+from harness.worker import Call
+
+from .helpers import CPU, tolerances
+
+SHAPE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
+
+
+def _plan(cases, impls, **kw) -> RunPlan:
+    return RunPlan(cases=cases, impls=impls, canaries=[], facts=CPU, tol=tolerances(), known=[],
+                   device_label="cpu-test", **kw)
+
+
+@pytest.mark.slow
+def test_a_plan_cache_bug_is_reported_order_dependent_naming_the_call_before_it(tmp_path):
+    stateful = load_user_implementation("tests.faulty_kernels:stateful")
+    first, second = SHAPE, SHAPE.replace(layout="grad-out-noncontig")  # same shape, another grad_out layout
+    records: list[dict] = []
+    results = {r.case_id: r for r in execute_plan(_plan([first, second], [stateful], isolate=True,
+                                                        log_dir=tmp_path), records.append)}
+    assert results[first.id].status is Status.PASS
+    failed = results[second.id]
+    assert failed.status is Status.FAIL  # in the run, after the first layout built the plan
+    order = failed.notes["order"]
+    assert order["alone"] == "PASS"  # a fresh process: first call for this shape, right
+    assert order["order_dependent"] is True
+    assert order["after"] == [[first.id, stateful.name]]
+    assert order["summary"] == f"order-dependent: passes alone, fails after {first.id} {stateful.name}"
+    calls = [_parse_call(x) for x in shlex.split(order["replay"]) if "@" in x]
+    assert [(c.case.id, c.impl) for c in calls] == [(first.id, stateful.name), (second.id, stateful.name)]
+
+    report = build_report(records, {}, {})  # the re-streamed record wins
+    assert "order-dependent: passes alone" in "\n".join(order_section(report))
+
+
+def test_shrink_finds_the_shortest_sequence_that_still_fails():
+    calls = [Call(SHAPE.replace(seed=i), "k") for i in range(8)]
+    culprits = {calls[2].case.id, calls[6].case.id}
+    fails = lambda seq: culprits <= {c.case.id for c in seq}  # noqa: E731
+    found, tries = shrink(calls, fails, budget=50)
+    assert [c.case.id for c in found] == [calls[2].case.id, calls[6].case.id] and tries <= 50
+    assert shrink(calls, lambda seq: False, budget=50) == (None, 1)
+
+
+def test_single_candidates_are_most_recent_first_same_implementation_first():
+    a, b, c = (Call(SHAPE.replace(seed=i), impl) for i, impl in enumerate(["k", "other", "k"]))
+    assert candidate_singles([a, b, c], "k") == [c, a, b]
+
+
+def test_layout_siblings_run_back_to_back_and_shuffle_is_seeded():
+    cases = [SHAPE, SHAPE.replace(seed=1), SHAPE.replace(layout="grad-out-noncontig"), SHAPE.replace(seed=2),
+             SHAPE.replace(layout="blhd")]
+    impls = [builtin_implementations()[n] for n in ("sdpa-math", "sdpa-flash", "expanded-kv-math")]
+    plain = [c.id for c, _ in plan_work(_plan(cases, impls))]
+    assert plain[:3] == [SHAPE.id, SHAPE.replace(layout="grad-out-noncontig").id, SHAPE.replace(layout="blhd").id]
+
+    def order(seed):
+        return [(c.id, [i.name for i in impls]) for c, impls in plan_work(_plan(cases, impls, shuffle=seed))]
+
+    assert order(1) == order(1) and order(1) != order(2)
+    assert sorted(order(1)) != order(1) or sorted(order(2)) != order(2)
+    keys = [layout_sibling_key(Case(**{**SHAPE.to_dict(), "layout": "bhld"}))]
+    shuffled = [c for c, _ in plan_work(_plan(cases, impls, shuffle=3))]
+    positions = [i for i, c in enumerate(shuffled) if layout_sibling_key(c) in keys]
+    assert positions == list(range(positions[0], positions[0] + 3))  # siblings stay together
