@@ -26,7 +26,8 @@ import torch
 from .case import Case
 from .inputs import Inputs
 
-CHUNK_BYTES = 64 * 2**20  # per logits-sized temporary; a few live at once
+BLOCK_BYTES = 2 * 2**20  # one logits block (kv group x rows x keys); a few live at once, in cache
+MIN_GROUP_ROWS = 64  # stacked query rows per GEMM, below which the GEMMs lose efficiency
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,29 @@ def causal_keep(case: Case, r0: int, r1: int) -> torch.Tensor | None:
 
 
 def chunk_rows(case: Case, itemsize: int) -> int:
-    per_row = case.batch * case.q_heads * case.kv_len * itemsize
-    return max(1, min(case.q_len, CHUNK_BYTES // per_row))
+    """Query rows per block: a kv group's logits block (group x rows x kv_len) of about
+    BLOCK_BYTES, so the elementwise passes run in cache, but at least MIN_GROUP_ROWS stacked
+    rows so the GEMMs stay efficient; small rows also let causal skip most masked keys."""
+    g = case.group_size
+    rows = BLOCK_BYTES // (g * case.kv_len * itemsize)
+    return max(1, min(case.q_len, max(rows, -(-MIN_GROUP_ROWS // g))))
+
+
+def _heads_per_block(case: Case, rows: int, itemsize: int) -> int:
+    """kv heads batched into one block when a head's block is small (short sequences)."""
+    per_head = case.group_size * rows * case.kv_len * itemsize
+    return max(1, min(case.kv_heads, BLOCK_BYTES // per_head))
+
+
+def _visible_keys(case: Case, r0: int, r1: int) -> tuple[int, int]:
+    """(first key any row of [r0, r1) cannot see, end of the keys some row can see): causal masks
+    every key past the end for every row, so those keys are skipped, not computed and masked."""
+    lk = case.kv_len
+    if case.causal == "none":
+        return lk, lk
+    offset = 0 if case.causal == "top-left" else lk - case.q_len
+    # at least one key: rows that see none still go through the masked path (dead rows)
+    return min(lk, max(0, r0 + offset + 1)), min(lk, max(1, r1 + offset))
 
 
 def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None) -> AttentionResult:
@@ -91,72 +113,43 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
     g, d, dv_dim = case.group_size, case.head_dim, case.value_dim
     scale = softmax_scale(case)
-    chunk = chunk or chunk_rows(case, torch.finfo(compute).bits // 8)
+    itemsize = torch.finfo(compute).bits // 8
+    chunk = chunk or chunk_rows(case, itemsize)
+    nh = _heads_per_block(case, chunk, itemsize)
 
-    q = inputs.q.to(compute).view(b, hkv, g, lq, d)
+    # The softmax scale is folded into Q (for S and dK) and K (for dQ): no pass over a logits block.
+    qs = inputs.q.to(compute, copy=True).mul_(scale).view(b, hkv, g, lq, d)
     k = inputs.k.to(compute)
+    ks = k * scale
     v = inputs.v.to(compute)
     do = inputs.grad_out.to(compute).view(b, hkv, g, lq, dv_dim)
     mask = inputs.mask
     if mask is not None:
-        mask = mask if mask.dtype == torch.bool else mask.to(compute)
-        mask = mask.view(mask.shape[0], hkv if mask.shape[1] != 1 else 1, g if mask.shape[1] != 1 else 1, lq, lk)
-    kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
+        per_head = mask.shape[1] != 1
+        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk)
 
     out = torch.empty(b, hkv, g, lq, dv_dim, dtype=compute)
     lse = torch.empty(b, hkv, g, lq, dtype=compute)
     grads = case.grads
-    dq = torch.empty_like(q) if grads else None
+    dq = torch.empty(b, hkv, g, lq, d, dtype=compute) if grads else None
     if grads and policy.per_head_dkdv:
         dk_acc = torch.zeros(b, hkv, g, lk, d, dtype=compute)
         dv_acc = torch.zeros(b, hkv, g, lk, dv_dim, dtype=compute)
     elif grads:
         dk_acc = torch.zeros(b, hkv, lk, d, dtype=compute)
         dv_acc = torch.zeros(b, hkv, lk, dv_dim, dtype=compute)
+    # Rounding the normalised P or dS needs P normalised in place (one more pass); otherwise 1/l
+    # is folded into the small row-sized operands (O, dQ rows, the Q and dO rows of dK and dV).
+    normalise = policy.dtype is not None and (policy.p_before_dv or policy.ds_before_gemm)
 
-    for r0 in range(0, lq, chunk):
-        r1 = min(lq, r0 + chunk)
-        n = r1 - r0
-        qc = q[:, :, :, r0:r1]
-        s = torch.matmul(qc.reshape(b, hkv, g * n, d), kt).mul_(scale).view(b, hkv, g, n, lk)
-        if mask is not None:
-            mc = mask[..., r0:r1, :]
-            if mc.dtype == torch.bool:
-                s.masked_fill_(~mc, float("-inf"))
-            else:
-                s.add_(mc)
-        keep = causal_keep(case, r0, r1)
-        if keep is not None:
-            s.masked_fill_(~keep, float("-inf"))
-
-        m = s.amax(-1, keepdim=True)
-        dead = m == float("-inf")  # every key masked: torch defines the row as zero
-        m.masked_fill_(dead, 0.0)
-        p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
-        l = p.sum(-1, keepdim=True)
-        l_safe = l.masked_fill(dead, 1.0)
-        lse[:, :, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
-        p_pv = policy.round(p, policy.p_before_pv)
-        o = torch.matmul(p_pv.view(b, hkv, g * n, lk), v).view(b, hkv, g, n, dv_dim).div_(l_safe)
-        out[:, :, :, r0:r1] = o
-        if not grads:
-            continue
-
-        p.div_(l_safe)  # normalised P
-        doc = do[:, :, :, r0:r1]
-        delta = (doc * policy.round(o, policy.o_as_stored)).sum(-1, keepdim=True)
-        dp = torch.matmul(doc.reshape(b, hkv, g * n, dv_dim), vt).view(b, hkv, g, n, lk)
-        ds = dp.sub_(delta).mul_(p)  # in place of dP
-        ds_g = policy.round(ds, policy.ds_before_gemm)
-        p_dv = policy.round(p, policy.p_before_dv)
-        dq[:, :, :, r0:r1] = torch.matmul(ds_g.view(b, hkv, g * n, lk), k).view(b, hkv, g, n, d).mul_(scale)
-        if policy.per_head_dkdv:
-            dk_acc += torch.matmul(ds_g.transpose(-1, -2), qc).mul_(scale)
-            dv_acc += torch.matmul(p_dv.transpose(-1, -2), doc)
-        else:
-            # stacking the group's rows makes this GEMM's accumulation the group sum
-            dk_acc += torch.matmul(ds_g.view(b, hkv, g * n, lk).transpose(-1, -2), qc.reshape(b, hkv, g * n, d)).mul_(scale)
-            dv_acc += torch.matmul(p_dv.view(b, hkv, g * n, lk).transpose(-1, -2), doc.reshape(b, hkv, g * n, dv_dim))
+    for bi in range(b):
+        for h0 in range(0, hkv, nh):
+            h1 = min(hkv, h0 + nh)
+            for r0 in range(0, lq, chunk):
+                r1 = min(lq, r0 + chunk)
+                c0, c1 = _visible_keys(case, r0, r1)
+                _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask,
+                       out, lse, dq, dk_acc if grads else None, dv_acc if grads else None)
 
     fin = policy.round
     output = fin(out.view(b, hq, lq, dv_dim))
@@ -166,6 +159,63 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
         dk_acc = fin(dk_acc).sum(2)
         dv_acc = fin(dv_acc).sum(2)
     return AttentionResult(output, lse.view(b, hq, lq), fin(dq.view(b, hq, lq, d)), fin(dk_acc), fin(dv_acc))
+
+
+def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask, out, lse, dq, dk_acc, dv_acc):
+    """Forward and backward of query rows [r0, r1) of kv heads [h0, h1) of batch bi, against keys [0, c1)."""
+    nh, g, n = h1 - h0, case.group_size, r1 - r0
+    d, dv_dim = case.head_dim, case.value_dim
+    qc = qs[bi, h0:h1, :, r0:r1]  # (nh, g, n, d)
+    kc, vc = k[bi, h0:h1, :c1], v[bi, h0:h1, :c1]
+    s = torch.matmul(qc.reshape(nh, g * n, d), kc.transpose(-1, -2)).view(nh, g, n, c1)
+    if mask is not None:
+        mh = slice(h0, h1) if mask.shape[1] > 1 else slice(None)
+        mc = mask[bi if mask.shape[0] > 1 else 0, mh, :, r0:r1, :c1]
+        if mc.dtype == torch.bool:
+            s.masked_fill_(~mc, float("-inf"))
+        else:
+            s.add_(mc.to(s.dtype))  # added exactly as quantized
+    if c0 < c1:  # the causal diagonal: only keys [c0, c1) are masked for some row of the block
+        offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
+        rows = torch.arange(r0, r1)[:, None]
+        cols = torch.arange(c0, c1)[None, :]
+        s[..., c0:c1].masked_fill_(cols > rows + offset, float("-inf"))
+
+    m = s.amax(-1, keepdim=True)
+    dead = m == float("-inf")  # every key masked: torch defines the row as zero
+    m.masked_fill_(dead, 0.0)
+    p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
+    l = p.sum(-1, keepdim=True)
+    l_safe = l.masked_fill(dead, 1.0)
+    lse[bi, h0:h1, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
+    p_pv = policy.round(p, policy.p_before_pv)
+    o = torch.matmul(p_pv.view(nh, g * n, c1), vc).view(nh, g, n, dv_dim).div_(l_safe)
+    out[bi, h0:h1, :, r0:r1] = o
+    if dq is None:
+        return
+
+    doc = do[bi, h0:h1, :, r0:r1]
+    delta = (doc * policy.round(o, policy.o_as_stored)).sum(-1, keepdim=True)
+    dp = torch.matmul(doc.reshape(nh, g * n, dv_dim), vc.transpose(-1, -2)).view(nh, g, n, c1)
+    if normalise:
+        p.div_(l_safe)  # normalised P
+        inv_l = None
+    else:
+        inv_l = 1.0 / l_safe
+    ds = dp.sub_(delta).mul_(p)  # in place of dP; times 1/l when P is unnormalised
+    ds_g = policy.round(ds, policy.ds_before_gemm)
+    p_dv = policy.round(p, policy.p_before_dv)
+    q_dk = qc if inv_l is None else qc * inv_l
+    do_dv = doc if inv_l is None else doc * inv_l
+    dq_c = torch.matmul(ds_g.view(nh, g * n, c1), ks[bi, h0:h1, :c1]).view(nh, g, n, d)
+    dq[bi, h0:h1, :, r0:r1] = dq_c if inv_l is None else dq_c.mul_(inv_l)
+    if policy.per_head_dkdv:
+        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(ds_g.transpose(-1, -2), q_dk)
+        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.transpose(-1, -2), do_dv)
+    else:
+        # stacking the group's rows makes this GEMM's accumulation the group sum
+        dk_acc[bi, h0:h1, :c1] += torch.matmul(ds_g.view(nh, g * n, c1).transpose(-1, -2), q_dk.reshape(nh, g * n, d))
+        dv_acc[bi, h0:h1, :c1] += torch.matmul(p_dv.view(nh, g * n, c1).transpose(-1, -2), do_dv.reshape(nh, g * n, dv_dim))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None) -> AttentionResult:
