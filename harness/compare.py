@@ -102,7 +102,13 @@ class Device:
     column: str
     path: str
     fingerprint: dict[str, Any]
-    canary_ok: bool
+    canary: str  # failed as expected | DID NOT FAIL | not run
+
+
+def _canary(report: dict[str, Any]) -> str:
+    if not any(r.get("canary") for r in report["results"]):
+        return "not run"
+    return "failed as expected" if report.get("summary", {}).get("canary_failed_as_expected") else "DID NOT FAIL"
 
 
 def _columns(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -203,8 +209,7 @@ def build_matrix(paths: list[str | Path]) -> Matrix:
     rows = [Row(key, c, *_classify(c)) for key, c in cells.items()]
     worst = lambda r: max((c.ratio or 0.0) for c in r.cells.values())  # noqa: E731
     rows.sort(key=lambda r: (order[r.group], -worst(r), r.key))
-    devices = [Device(col, path, rep["fingerprint"], bool(rep.get("summary", {}).get("canary_failed_as_expected")))
-               for col, (path, rep) in zip(columns, usable)]
+    devices = [Device(col, path, rep["fingerprint"], _canary(rep)) for col, (path, rep) in zip(columns, usable)]
     return Matrix(devices, rows, refused)
 
 
@@ -218,7 +223,7 @@ def render_matrix(m: Matrix) -> str:
     columns = [d.column for d in m.devices]
     fp_rows = [[d.column, d.fingerprint.get("device_name"), d.fingerprint.get("torch"),
                 d.fingerprint.get("cuda") or d.fingerprint.get("hip") or "—", d.fingerprint.get("cudnn") or "—",
-                "failed as expected" if d.canary_ok else "DID NOT FAIL: this column cannot be trusted", d.path]
+                d.canary + (": this column cannot be trusted" if d.canary == "DID NOT FAIL" else ""), d.path]
                for d in m.devices]
     lines = ["# gqa-harness cross-device matrix", "",
              tabulate(fp_rows, headers=["column", "device", "torch", "CUDA/HIP", "cuDNN", "canary", "report"],

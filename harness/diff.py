@@ -6,7 +6,8 @@ The gate fails (exit 1) when
     beyond its ceiling (FAIL/ERROR);
   * a baseline row disappeared, or is no longer judged (UNSUPPORTED): a dropped case or
     backend must not pass silently;
-  * error / scale grew, at some level, by more than the noise band of that level;
+  * error / scale of a row the baseline accepted (PASS, KNOWN) grew, at some level, by more
+    than the noise band of that level;
   * a row new in this report fails.
 Fixed rows (failing before, passing now) are listed; they do not fail the gate.
 
@@ -15,15 +16,18 @@ exactly, so repeated runs say nothing about how much error movement is normal. W
 the same kernel on re-drawn inputs (another seed) of the same case. An equally correct
 kernel with another accumulation order, or the same kernel after torch changes its RNG
 stream, moves error / scale by about as much as a re-draw does. So the band of a level is
-the largest max/min ratio of error / scale across seeds over every (case, implementation,
-tensor) of a multi-seed noise run (reports/baselines/noise-suite.toml): growth beyond what
-any re-draw produced on this device is a regression. `measure_noise` computes it; the
-result lives beside the baseline as <label>.noise.json with its provenance.
+the largest max/min ratio of error / scale across seeds over the (case, implementation,
+tensor) that pass at every seed of a multi-seed noise run (reports/baselines/noise-suite.toml):
+growth beyond what any re-draw produced for a correct result on this device is a regression.
+A row whose own spread across seeds was larger (a buggy kernel's error is spikier: CPU
+flash's dQ rows move up to ~5x between seeds) keeps its own, larger band. `measure_noise`
+computes both; they live beside the baseline as <label>.noise.json with their provenance.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -36,16 +40,23 @@ from .compare import Cell, ReportError, RowKey, load_report, report_rows
 from .metrics import LEVELS
 
 JUDGED = ("FAIL", "KNOWN", "PASS", "FIXED")  # statuses that carry error / scale numbers
+ACCEPTED = ("PASS", "FIXED", "KNOWN")  # do not fail a run: their error must not grow unnoticed
 GATING = ("regressed", "grew", "disappeared", "unjudged", "new-failure")
 
 
 @dataclass(frozen=True)
 class NoiseBands:
-    """Largest growth factor of error / scale, per level, that re-drawing inputs produced."""
+    """Largest growth factor of error / scale per level that re-drawing inputs produced on results
+    that pass at every seed; `own` holds (case-without-seed, impl, tensor) rows whose own spread
+    across seeds was larger (a buggy kernel's error moves more): they get their own band."""
 
     bands: dict[str, float]
+    own: dict[str, dict[str, float]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     spreads: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def band(self, key: RowKey, level: str) -> float:
+        return max(self.bands[level], self.own.get(family_key(*key), {}).get(level, 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,45 +71,53 @@ def load_noise(path: str | Path) -> NoiseBands:
         raise ReportError(f"{path}: no such noise file") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReportError(f"{path}: not a noise-band file ({type(exc).__name__}: {exc})") from None
-    return NoiseBands(bands, data.get("provenance", {}), data.get("spreads", {}))
+    return NoiseBands(bands, data.get("own", {}), data.get("provenance", {}), data.get("spreads", {}))
 
 
-def _family(case: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in case.items() if k != "seed"}, sort_keys=True)
+def family_key(case_id: str, impl: str, tensor: str) -> str:
+    """The row without its seed: case ids end in -s<seed>."""
+    return f"{re.sub(r'-s[0-9]+$', '', case_id)}|{impl}|{tensor}"
 
 
-def seed_spreads(report: dict[str, Any]) -> dict[str, list[float]]:
-    """Per level: max/min of error / scale across seeds, one value per (case-without-seed, impl, tensor)."""
-    groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (case_id, impl, tensor), cell in report_rows(report).items():
-        case = (report["cases"].get(case_id) or {}).get("case")
-        if case is None or cell.status not in JUDGED:
-            continue
-        for level, ratio in cell.ratios.items():
-            groups[(_family(case), impl, tensor)][level].append(ratio)
-    out: dict[str, list[float]] = {lv: [] for lv in LEVELS}
-    for per_level in groups.values():
-        for level, ratios in per_level.items():
-            if len(ratios) >= 2 and min(ratios) > 0:
-                out[level].append(max(ratios) / min(ratios))
-    return out
+def seed_groups(report: dict[str, Any]) -> dict[str, tuple[set[str], dict[str, list[float]]]]:
+    """family_key -> (statuses seen, per level the error / scale at each seed)."""
+    groups: dict[str, tuple[set[str], dict[str, list[float]]]] = {}
+    for key, cell in report_rows(report).items():
+        statuses, ratios = groups.setdefault(family_key(*key), (set(), defaultdict(list)))
+        statuses.add(cell.status)
+        if cell.status in JUDGED:
+            for level, ratio in cell.ratios.items():
+                ratios[level].append(ratio)
+    return groups
+
+
+def _spread(ratios: list[float]) -> float | None:
+    return max(ratios) / min(ratios) if len(ratios) >= 2 and min(ratios) > 0 else None
 
 
 def measure_noise(report: dict[str, Any], source: str = "") -> NoiseBands:
-    spreads = seed_spreads(report)
-    if not all(spreads.values()):
-        raise ReportError(f"{source or 'report'}: no case has results for two or more seeds; run a multi-seed "
-                          "suite (reports/baselines/noise-suite.toml)")
+    groups = seed_groups(report)
+    spreads = {key: {lv: sp for lv, r in ratios.items() if (sp := _spread(r)) is not None}
+               for key, (_, ratios) in groups.items()}
+    correct = [key for key, (statuses, _) in groups.items() if statuses == {"PASS"}]
+    bands, summary = {}, {}
+    for level in LEVELS:
+        values = [spreads[k][level] for k in correct if level in spreads[k]]
+        if not values:
+            raise ReportError(f"{source or 'report'}: no passing result has two or more seeds; run a multi-seed "
+                              "suite (reports/baselines/noise-suite.toml)")
+        bands[level] = max(values)
+        summary[level] = {"passing_groups": len(values), "median": statistics.median(values), "max": max(values)}
+    own = {key: {lv: sp for lv, sp in per.items() if sp > bands[lv]} for key, per in spreads.items()}
     seeds = sorted({(c.get("case") or {}).get("seed") for c in report["cases"].values()} - {None})
-    fp = report["fingerprint"]
-    summary = {lv: {"groups": len(v), "median": statistics.median(v), "max": max(v)} for lv, v in spreads.items()}
+    fp, settings = report["fingerprint"], report.get("settings") or {}
     return NoiseBands(
-        bands={lv: max(v) for lv, v in spreads.items()},
+        bands=bands, own={k: v for k, v in own.items() if v}, spreads=summary,
         provenance={"report": source, "device_label": fp.get("device_label"), "device_name": fp.get("device_name"),
-                    "torch": fp.get("torch"), "seeds": seeds, "command": (report.get("settings") or {}).get("command"),
-                    "finished": (report.get("settings") or {}).get("finished"),
-                    "rule": "band = max over (case without seed, impl, tensor) of max/min error/scale across seeds"},
-        spreads=summary,
+                    "torch": fp.get("torch"), "seeds": seeds, "command": settings.get("command"),
+                    "finished": settings.get("finished"),
+                    "rule": "band = max over (case without seed, impl, tensor) passing at every seed of max/min "
+                            "error/scale across seeds; rows whose own spread was larger keep their own (`own`)"},
     )
 
 
@@ -115,12 +134,13 @@ class Change:
         return self.kind in GATING
 
 
-def _growth(before: Cell, after: Cell, bands: NoiseBands) -> str:
+def _growth(key: RowKey, before: Cell, after: Cell, bands: NoiseBands) -> str:
     grown = []
     for level in LEVELS:
         b, a = before.ratios.get(level), after.ratios.get(level)
-        if b and a is not None and a / b > bands.bands[level]:
-            grown.append(f"{level} {b:.3g}→{a:.3g}× (×{a / b:.2f} > band ×{bands.bands[level]:.2f})")
+        band = bands.band(key, level)
+        if b and a is not None and a / b > band:
+            grown.append(f"{level} {b:.3g}→{a:.3g}× (×{a / b:.2f} > band ×{band:.2f})")
     return "; ".join(grown)
 
 
@@ -137,7 +157,8 @@ def classify(key: RowKey, before: Cell | None, after: Cell | None, bands: NoiseB
         return Change(key, "unjudged", before, after, f"{before.status} → {after.status}: {after.reason[:200]}")
     if b == "fails" and a == "passes":
         return Change(key, "fixed", before, after, f"{before.status} → {after.status}")
-    grown = _growth(before, after, bands) if before.status in JUDGED and after.status in JUDGED else ""
+    # a row already failing in the baseline fails the run itself; growth is gated where it was accepted
+    grown = _growth(key, before, after, bands) if before.status in ACCEPTED and after.status in JUDGED else ""
     if grown:
         return Change(key, "grew", before, after, grown)
     return Change(key, "same", before, after)

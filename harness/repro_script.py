@@ -45,7 +45,7 @@ def _layout(case: Case, role: str, name: str) -> str:
         return f"{name}.expand(B, HQ, *{name}.shape[2:])"
     if (case.layout == "blhd" and role in "qkv") or (case.layout == "v-noncontig" and role == "v") or (
             case.layout == "grad-out-noncontig" and role == "do"):
-        return f"{name}.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) storage, as HF passes it"
+        return f"{name}.transpose(1, 2).contiguous().transpose(1, 2)"
     return name
 
 
@@ -136,10 +136,12 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         *(["torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)  # as the harness pins it"]
           if pinned and pinned[0] == "MATH" else []),
         "leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]",
-        f"qa, ka, va = {_layout(case, 'q', 'leaves[0]')}, {_layout(case, 'k', 'leaves[1]').split('  #')[0]}, "
-        f"{_layout(case, 'v', 'leaves[2]').split('  #')[0]}",
+        *(["# the kernel gets (B, H, L, D) views of (B, L, H, D) storage, as HF models pass them"]
+          if case.layout in ("blhd", "v-noncontig", "grad-out-noncontig") else []),
+        f"qa, ka, va = {_layout(case, 'q', 'leaves[0]')}, {_layout(case, 'k', 'leaves[1]')}, "
+        f"{_layout(case, 'v', 'leaves[2]')}",
         call,
-        (f"grads = torch.autograd.grad(out, leaves, {_layout(case, 'do', 'do.to(DEVICE)').split('  #')[0]})"
+        (f"grads = torch.autograd.grad(out, leaves, {_layout(case, 'do', 'do.to(DEVICE)')})"
          if case.grads else "grads = (None, None, None)  # forward-only case"),
         "got = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))[T].detach().cpu().double()",
         "",

@@ -1,0 +1,58 @@
+"""Reports for the compare and diff tests, made by the real pipeline: real kernels judged by
+run_one, streamed through JsonlSink, read back and assembled by build_report. Only the
+fingerprint (which device) and the choice of kernel behind an implementation name are
+synthetic, so several 'devices' can be built on one CPU."""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+import tempfile
+
+from harness.case import Case, case_spec
+from harness.implementations.user import implementation_from_callable
+from harness.report import build_report
+from harness.runner import JsonlSink, read_stream, run_one
+from tests.helpers import CPU, cached_references, tolerances
+from tests import repro_kernels
+
+# Tiny but judged at every level (tensor and slice >= 256 elements, rows of 64).
+CASES = (Case(1, 4, 2, 16, 16, 64), Case(1, 4, 2, 16, 16, 64, causal="top-left"))
+KERNELS = {"correct": repro_kernels.correct, "tiled": repro_kernels.tiled_kv_heads}
+
+DEVICES = {
+    "cpu": {"device_label": "cpu-x86_64", "device_name": "x86_64", "device": "cpu", "torch": "2.13.0+cpu"},
+    "h100": {"device_label": "cuda-sm_90", "device_name": "NVIDIA H100 80GB HBM3", "device": "cuda:0",
+             "torch": "2.11.0+cu128", "cuda": "12.8", "cudnn": 91900},
+    "h200": {"device_label": "cuda-sm_90", "device_name": "NVIDIA H200", "device": "cuda:0", "torch": "2.11.0+cu128"},
+    "mi300x": {"device_label": "rocm-gfx942", "device_name": "AMD Instinct MI300X", "device": "cuda:0",
+               "torch": "2.11.0+rocm6.4", "hip": "6.4"},
+}
+
+
+@lru_cache(maxsize=32)
+def _records(case: Case, kernel: str, impl_name: str) -> tuple[dict, dict]:
+    refs = cached_references(case)
+    impl = implementation_from_callable(KERNELS[kernel], impl_name)
+    result = run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.jsonl"
+        sink = JsonlSink(path)
+        sink({"type": "case", "case_id": case.id, "case": case.to_dict(), "spec": case_spec(case),
+              "input_sha256": refs.inputs.hashes()})
+        sink({"type": "result", **result.to_dict()})
+        sink.close()
+        case_rec, result_rec = read_stream(path)
+    return case_rec, result_rec
+
+
+def make_report(device: str, kernels: dict[str, str], cases: tuple[Case, ...] = CASES) -> dict:
+    """A report of `device` where implementation name -> which real kernel ran behind it."""
+    records = []
+    for case in cases:
+        for impl_name, kernel in kernels.items():
+            case_rec, result_rec = _records(case, kernel, impl_name)
+            records += [copy.deepcopy(case_rec), copy.deepcopy(result_rec)]
+    fp = {"harness": "0.1.0", "cuda": None, "hip": None, "cudnn": None, **DEVICES[device]}
+    return build_report(records, fp, {"command": "synthetic"})

@@ -1,0 +1,107 @@
+"""repro: a standalone script that reproduces while the bug is there, and an issue body."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.case import parse_case_spec
+from harness.implementations import builtin_implementations
+from harness.implementations.user import load_user_implementation
+from harness.inputs import make_inputs
+from harness.repro import write_repro
+from harness.repro_script import ReproError, render_script
+from harness.verdict import load_tolerances
+from tests.helpers import CPU
+
+ROOT = Path(__file__).resolve().parent.parent
+WRONG = "tests.repro_kernels:tiled_kv_heads"
+# Runs the script as __main__ with the harness made unimportable: only torch (and the user's module) may be used.
+NO_HARNESS = "import runpy, sys; sys.modules['harness'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def run_fresh(script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_HARNESS, str(script), "cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _imports(text: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+@pytest.fixture(scope="module")
+def wrong(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=16,d=64,causal=top-left")
+    return case, write_repro(case, load_user_implementation(WRONG), CPU, out)
+
+
+def test_the_script_reproduces_in_a_fresh_interpreter_with_only_torch(wrong):
+    case, repro = wrong
+    text = repro.script.read_text()
+    assert _imports(text) <= {"hashlib", "os", "sys", "torch", "torch.nn.functional", "torch.nn.attention",
+                              "tests.repro_kernels"}
+    assert len(text.splitlines()) <= 90
+    proc = run_fresh(repro.script)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "BUG: out is beyond" in proc.stdout and "note: these inputs differ" not in proc.stdout
+    assert repro.reproduces and repro.script_exit == 1
+
+
+def test_the_script_agrees_with_the_harness_and_exits_0_once_the_kernel_is_fixed(wrong, tmp_path):
+    case, repro = wrong
+    harness_ratio = float(re.search(r"\*\*([0-9.e+]+)×\*\*", repro.issue.read_text()).group(1))
+    script_ratio = float(re.search(r"^tensor\s+([0-9.e+]+)", repro.script_output, re.M).group(1))
+    assert script_ratio == pytest.approx(harness_ratio, rel=0.01)
+    fixed = tmp_path / "repro.py"
+    fixed.write_text(repro.script.read_text().replace("user_module.tiled_kv_heads(", "user_module.correct("))
+    proc = run_fresh(fixed)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK: out is within" in proc.stdout
+
+
+def test_issue_body_follows_the_bug_template(wrong):
+    _, repro = wrong
+    body = repro.issue.read_text()
+    assert body.startswith("Title: [CPU][SDPA] ")
+    for section in ("### 🐛 Describe the bug", "```python", "### Observed vs expected", "### Why this is beyond normal",
+                    "### Versions", "backend that ran: user kernel `tests.repro_kernels:tiled_kv_heads`",
+                    "batch |", "sdpa-math", "torch: "):
+        assert section in body, section
+    assert "did not reproduce" not in body
+
+
+def test_a_masked_case_ships_its_inputs_in_a_pt_file_beside_the_script(tmp_path):
+    case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=20,d=64,mask=bool,causal=bottom-right")
+    repro = write_repro(case, load_user_implementation(WRONG), CPU, tmp_path)
+    assert (tmp_path / "inputs.pt").exists() and "torch.load" in repro.script.read_text()
+    assert run_fresh(repro.script).returncode == 1
+
+
+def test_a_builtin_backend_is_pinned_and_a_correct_one_exits_0(tmp_path):
+    case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=24,d=64,causal=bottom-right,layout=blhd")
+    text = render_script(make_inputs(case), "sdpa-math", "dk", load_tolerances(), "test", "cpu")
+    assert "sdpa_kernel([SDPBackend.MATH])" in text and "causal_lower_right(LQ, LK)" in text
+    script = tmp_path / "repro.py"
+    script.write_text(text)
+    proc = run_fresh(script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
+    case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,d=64")
+    with pytest.raises(ReproError, match="does not fail"):
+        write_repro(case, builtin_implementations()["sdpa-math"], CPU, tmp_path)
+    with pytest.raises(ReproError, match="not 'flex"):
+        render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")

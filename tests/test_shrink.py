@@ -1,0 +1,106 @@
+"""shrink: smaller, the same failure, locally minimal, deterministic, time-bounded."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from harness.case import Case, parse_case_spec
+from harness.implementations.user import implementation_from_callable
+from harness.runner import ImplResult
+from harness.shrink import ShrinkError, Signature, judge_with, neighbours, same_failure, shrink, signature_of
+from harness.verdict import Status, TensorVerdict
+from tests.helpers import CPU
+from tests import repro_kernels
+
+FAKE = implementation_from_callable(repro_kernels.correct, "fake")
+
+
+def fake_judge(fails_when, tensor="dk", severity="beyond", rule="tensor", calls=None):
+    """A judge that fails `tensor` exactly when `fails_when(case)`: the search logic without kernels."""
+    def judge(case: Case) -> ImplResult:
+        if calls is not None:
+            calls.append(case)
+        verdict = (TensorVerdict(tensor, Status.FAIL, rule, "fake", severity, 3.0) if fails_when(case)
+                   else TensorVerdict(tensor, Status.PASS))
+        return ImplResult(case.id, "fake", verdict.status, {tensor: verdict})
+    return judge
+
+
+START = parse_case_spec("b=4,hq=32,hkv=8,lq=200,lk=200,d=128,causal=top-left,mask=bool,layout=blhd")
+
+
+def test_shrink_keeps_the_group_size_that_triggers_and_drops_what_is_not_needed():
+    needs = lambda c: c.group_size >= 4 and c.q_len >= 37 and c.causal != "none"  # noqa: E731
+    result = shrink(START, FAKE, fake_judge(needs))
+    c = result.case
+    assert (c.batch, c.kv_heads, c.q_heads, c.q_len, c.kv_len, c.head_dim) == (1, 1, 4, 37, 1, 8)
+    assert (c.causal, c.mask, c.layout) == ("top-left", "none", "bhld")
+    assert result.locally_minimal and result.signature == Signature("dk", "accuracy", "beyond")
+
+
+def test_result_is_locally_minimal_every_single_reduction_passes():
+    needs = lambda c: c.group_size * c.kv_heads >= 6 and c.head_dim >= 24  # noqa: E731
+    result = shrink(START, FAKE, fake_judge(needs))
+    assert needs(result.case)
+    assert neighbours(result.case) and not any(needs(n) for n in neighbours(result.case))
+
+
+def test_a_different_failure_is_not_accepted():
+    """Small cases fail dq, not dk: shrinking a dk failure must not walk into them."""
+    def judge(case):
+        tensor = "dq" if case.q_len < 50 else "dk"
+        return fake_judge(lambda c: True, tensor)(case)
+    assert shrink(START, FAKE, judge).case.q_len == 50
+    gross = fake_judge(lambda c: c.q_len < 50, severity="gross")
+    beyond = fake_judge(lambda c: c.q_len >= 50)
+    assert shrink(START, FAKE, lambda c: (gross if c.q_len < 50 else beyond)(c)).case.q_len == 50
+
+
+def test_deterministic():
+    needs = lambda c: c.kv_heads >= 2 and c.kv_len % 5 == 0  # noqa: E731
+    a, b = shrink(START, FAKE, fake_judge(needs)), shrink(START, FAKE, fake_judge(needs))
+    assert a.case == b.case and a.trail == b.trail and a.evaluations == b.evaluations
+
+
+def test_time_bound_returns_the_best_so_far_not_claimed_minimal():
+    ticks = itertools.count()
+    result = shrink(START, FAKE, fake_judge(lambda c: True), budget_s=5, clock=lambda: next(ticks))
+    assert not result.locally_minimal
+    assert result.case != START and result.evaluations <= 6
+
+
+def test_a_case_that_does_not_fail_is_refused():
+    with pytest.raises(ShrinkError, match="does not fail"):
+        shrink(START, FAKE, fake_judge(lambda c: False))
+    with pytest.raises(ShrinkError, match="dq of"):
+        shrink(START, FAKE, fake_judge(lambda c: True, "dk"), tensor="dq")
+
+
+def test_signature_picks_the_worst_failure_gross_first():
+    verdicts = {"dq": TensorVerdict("dq", Status.FAIL, "row", "", "beyond", 9.0),
+                "dk": TensorVerdict("dk", Status.FAIL, "slice", "", "gross", 2.0),
+                "out": TensorVerdict("out", Status.FAIL, "nonfinite", "", "gross", float("inf"))}
+    result = ImplResult("x", "y", Status.FAIL, verdicts)
+    assert signature_of(result) == Signature("out", "nonfinite", "gross")
+    assert signature_of(result, "dq") == Signature("dq", "accuracy", "beyond")
+    assert not same_failure(result, Signature("dk", "accuracy", "beyond"))
+    crashed = ImplResult("x", "y", Status.ERROR, error="RuntimeError: boom", error_kind="exception")
+    assert signature_of(crashed) == Signature("", "error", "") and same_failure(crashed, signature_of(crashed))
+
+
+def test_a_wrong_kernel_on_a_model_size_case_shrinks_to_a_small_case_with_the_same_failure():
+    """Acceptance: Llama-8B-like heads (32 query, 8 kv), 128 tokens, d 128, B 2; a kv-head mapping bug."""
+    impl = implementation_from_callable(repro_kernels.tiled_kv_heads, "tests.repro_kernels:tiled_kv_heads")
+    judge = judge_with(impl, CPU)
+    start = parse_case_spec("b=2,hq=32,hkv=8,lq=128,lk=128,d=128")
+    result = shrink(start, impl, judge, budget_s=600)
+    c = result.case
+    assert result.locally_minimal
+    assert (c.batch, c.q_heads, c.kv_heads) == (1, 4, 2)  # the smallest GQA where tiled != interleaved
+    assert c.q_len * c.kv_len * c.head_dim <= 128 * 128 * 128 // 64
+    assert result.signature == Signature("out", "accuracy", "gross")
+    assert same_failure(judge(c), result.signature)
+    for smaller in neighbours(c):
+        assert not same_failure(judge(smaller), result.signature), smaller.id
