@@ -47,6 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--in-process", action="store_true",
                      help="run kernels in this process: no crash/hang isolation, no order check")
 
+    audit = sub.add_parser("audit", help="false-alarm audit: known-good kernels over many seeds, margin per level")
+    audit.add_argument("--device", default=None)
+    audit.add_argument("--suite", default="audit", help="cases/NAME.toml (default: audit)")
+    audit.add_argument("--seeds", type=int, default=50, help="seeds per case (default 50)")
+    audit.add_argument("--first-seed", type=int, default=10_000, help="seeds are FIRST.. (distinct from calibration's)")
+    audit.add_argument("--impl", action="append", default=[], help="built-in to audit instead of the known-good set")
+    audit.add_argument("--out", default="gqa-report", help="writes audit-<device>.json/.md here")
+    audit.add_argument("--quiet", action="store_true")
+    audit.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: many small cases)")
+
+    known = sub.add_parser("known", help="known-failure entries: active, FIXED, or not matched by recent reports")
+    known.add_argument("reports", nargs="*", help="report JSONs or directories (default: gqa-report, reports)")
+    known.add_argument("--days", type=float, default=30.0, help="window for 'recent' (default 30 days)")
+    known.add_argument("--file", default=None, help="known-failures TOML (default: cases/known-failures.toml)")
+    known.add_argument("--check", action="store_true", help="exit 1 if any entry is FIXED or stale")
+
     env = sub.add_parser("env", help="print the environment fingerprint")
     env.add_argument("--device", default=None)
 
@@ -188,6 +204,25 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def cmd_audit(args) -> int:
+    from .audit import audit_command
+
+    if args.seeds < 1 or args.first_seed < 0 or args.threads < 1:
+        raise UsageError("--seeds and --threads must be at least 1 and --first-seed non-negative")
+    return audit_command(args.device, args.suite, args.seeds, args.first_seed, args.impl, Path(args.out), args.quiet,
+                         args.threads)
+
+
+def cmd_known(args) -> int:
+    from .known_ledger import known_command
+
+    paths = [Path(p) for p in args.reports] or [p for p in (Path("gqa-report"), Path("reports")) if p.exists()]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"no such report path: {missing[0]}")
+    return known_command(paths, args.days, Path(args.file) if args.file else None, args.check)
+
+
 def cmd_env(args) -> int:
     from .env import device_facts, fingerprint
 
@@ -313,7 +348,7 @@ def cmd_repro(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations, "summary": cmd_summary,
-            "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "shrink": cmd_shrink, "repro": cmd_repro}
+            "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "shrink": cmd_shrink, "repro": cmd_repro, "audit": cmd_audit, "known": cmd_known}
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
