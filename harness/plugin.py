@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import pytest
 
+from . import strategies  # noqa: F401 - registers the dev/ci/nightly Hypothesis profiles before --hypothesis-profile loads one
+
 PARTS = ".parts"
 MARKERS = {
     "gpu": "needs a CUDA or ROCm device",
