@@ -64,6 +64,8 @@ class Implementation:
     materialise_causal_bias: bool = False
     # True for the canary: its expected FAIL is reported apart and does not count.
     canary: bool = False
+    # Why a run without --impl leaves it out (e.g. compiles per case: too slow for the default run); None: included.
+    opt_in: str | None = None
 
 
 class RegistryError(ValueError):
@@ -71,9 +73,10 @@ class RegistryError(ValueError):
 
 
 def builtin_implementations() -> dict[str, Implementation]:
-    from . import canary, sdpa
+    from . import canary, compiled, flex, rocm, sdpa, thirdparty
 
-    impls = [*sdpa.implementations(), *canary.implementations()]
+    impls = [*sdpa.implementations(), *compiled.implementations(), *flex.implementations(),
+             *rocm.implementations(), *thirdparty.implementations(), *canary.implementations()]
     return {impl.name: impl for impl in impls}
 
 
@@ -89,7 +92,9 @@ def resolve(names: list[str], facts: DeviceFacts) -> tuple[list[Implementation],
             if impl.canary:
                 continue
             reason = impl.available(facts)
-            if reason is None:
+            if reason is None and impl.opt_in:
+                unavailable[impl.name] = f"opt-in, name it with --impl: {impl.opt_in}"
+            elif reason is None:
                 chosen.append(impl)
             else:
                 unavailable[impl.name] = reason
