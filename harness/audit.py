@@ -194,21 +194,33 @@ def render_audit(report: dict[str, Any]) -> str:
 def audit_command(device: str | None, suite: str, seeds: int, first_seed: int, impls: list[str], out: Path,
                   quiet: bool, threads: int = 1) -> int:
     from .env import device_facts, device_label, pin_math_reduction
-    from .known import load_known
     from .suites import load_suite
-    from .verdict import load_tolerances
 
     facts = device_facts(device)
     pin_math_reduction(False)
     # Thousands of small cases: one intra-op thread avoids OpenMP oversubscription on a shared CPU
     # (measured 36x faster on a loaded 2-core machine); the thread count is recorded.
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _audit(facts, label, suite, seeds, first_seed, impls, out, quiet, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _audit(facts: DeviceFacts, label: str, suite: str, seeds: int, first_seed: int, impls: list[str], out: Path,
+           quiet: bool, threads: int) -> int:
+    from .known import load_known
+    from .suites import load_suite
+    from .verdict import load_tolerances
+
     label = device_label(facts)
     for name in impls:
         if name not in builtin_implementations():
             from .implementations import RegistryError
 
             raise RegistryError(f"audit --impl {name!r}: the audit runs built-in implementations only")
+    load_suite(suite)  # bad input fails before anything runs
     cases = audit_cases([sc.case for sc in load_suite(suite)], seeds, first_seed)
     tol = load_tolerances()
     start = time.monotonic()

@@ -100,6 +100,8 @@ def _add_issue10_parsers(sub) -> None:
         cmd.add_argument("--tensor", default=None, choices=("out", "dq", "dk", "dv"),
                          help="the failing tensor to keep (default: the worst one)")
         cmd.add_argument("--budget", type=float, default=300.0, help="shrink time budget in seconds (default 300)")
+        cmd.add_argument("--min-excess", type=float, default=1.0, help="shrink keeps only candidates at least this "
+                         "many times beyond the factor (default 1: any failure), for bugs that grow with size")
     shr = sub.choices["shrink"]
     shr.add_argument("--out", default=None, help="write the result as JSON")
     rep = sub.choices["repro"]
@@ -186,6 +188,10 @@ def cmd_run(args) -> int:
     counts = report["summary"]["counts"]
     print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) +
           f"; report {out / (label + '.md')}")
+    from .known_ledger import fixed_in_run
+
+    for line in fixed_in_run(report):
+        print(line, file=sys.stderr)
     if report["results"] and not report["summary"]["canary_failed_as_expected"] and plan.canaries:
         print(f"the canary passed on {facts.device}: this pipeline cannot fail here, its PASSes mean nothing",
               file=sys.stderr)
@@ -310,7 +316,7 @@ def _failure(args):
 def _shrunk(args, case, impl, facts):
     from .shrink import judge_with, shrink
 
-    result = shrink(case, impl, judge_with(impl, facts), args.tensor, args.budget)
+    result = shrink(case, impl, judge_with(impl, facts), args.tensor, args.budget, min_excess=args.min_excess)
     print(f"{impl.name}: {result.signature} on {case.id} → {result.case.id} ({result.evaluations} evaluations, "
           f"{result.seconds:.0f} s, {'locally minimal' if result.locally_minimal else 'time budget reached'})",
           file=sys.stderr)

@@ -43,7 +43,7 @@ VERSION_KEYS = ("torch", "cuda", "hip", "cudnn", "rocm_fa_library")
 _KEYS = {"id", "case", "impl", "min_group_size", "tensors", "device", *VERSION_KEYS, "max_ratio",
          "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence"}
 _TENSORS = ("out", "dq", "dk", "dv")
-_RANGE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
+_RANGE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
 
 Ceiling = float | dict[str, float] | None
 
