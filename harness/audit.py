@@ -198,6 +198,13 @@ def audit_command(device: str | None, suite: str, seeds: int, first_seed: int, i
 
     facts = device_facts(device)
     pin_math_reduction(False)
+    label = device_label(facts)
+    for name in impls:
+        if name not in builtin_implementations():
+            from .implementations import RegistryError
+
+            raise RegistryError(f"audit --impl {name!r}: the audit runs built-in implementations only")
+    load_suite(suite)  # bad input fails before anything runs
     # Thousands of small cases: one intra-op thread avoids OpenMP oversubscription on a shared CPU
     # (measured 36x faster on a loaded 2-core machine); the thread count is recorded.
     previous_threads = torch.get_num_threads()
@@ -214,13 +221,6 @@ def _audit(facts: DeviceFacts, label: str, suite: str, seeds: int, first_seed: i
     from .suites import load_suite
     from .verdict import load_tolerances
 
-    label = device_label(facts)
-    for name in impls:
-        if name not in builtin_implementations():
-            from .implementations import RegistryError
-
-            raise RegistryError(f"audit --impl {name!r}: the audit runs built-in implementations only")
-    load_suite(suite)  # bad input fails before anything runs
     cases = audit_cases([sc.case for sc in load_suite(suite)], seeds, first_seed)
     tol = load_tolerances()
     start = time.monotonic()
