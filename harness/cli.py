@@ -102,6 +102,8 @@ def _add_issue10_parsers(sub) -> None:
         cmd.add_argument("--budget", type=float, default=300.0, help="shrink time budget in seconds (default 300)")
         cmd.add_argument("--min-excess", type=float, default=1.0, help="shrink keeps only candidates at least this "
                          "many times beyond the factor (default 1: any failure), for bugs that grow with size")
+        cmd.add_argument("--seeds", type=int, default=1, help="shrink also tries each smaller shape at seeds "
+                         "0..N-1, for failures that show on a few rows of some draws (default 1: the case's seed)")
     shr = sub.choices["shrink"]
     shr.add_argument("--out", default=None, help="write the result as JSON")
     rep = sub.choices["repro"]
@@ -316,7 +318,8 @@ def _failure(args):
 def _shrunk(args, case, impl, facts):
     from .shrink import judge_with, shrink
 
-    result = shrink(case, impl, judge_with(impl, facts), args.tensor, args.budget, min_excess=args.min_excess)
+    result = shrink(case, impl, judge_with(impl, facts), args.tensor, args.budget, min_excess=args.min_excess,
+                    seeds=args.seeds)
     print(f"{impl.name}: {result.signature} on {case.id} → {result.case.id} ({result.evaluations} evaluations, "
           f"{result.seconds:.0f} s, {'locally minimal' if result.locally_minimal else 'time budget reached'})",
           file=sys.stderr)

@@ -155,8 +155,9 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
     label = TENSOR_LABEL.get(sig.tensor, sig.tensor)
     what = _what_ran(impl.name, result)
     factor = tol.rule(case.dtype, level).factor if level in ("tensor", "slice", "row") else None
+    subject = what if impl.family == "user" else f"`torch.nn.functional.scaled_dot_product_attention` ({what})"
     describe = [
-        f"`torch.nn.functional.scaled_dot_product_attention` ({what}) on {facts.device} ({facts.name or facts.arch}), "
+        f"{subject[0].upper() + subject[1:]} on {facts.device} ({facts.name or facts.arch}), "
         f"torch {fp.get('torch')}, returns **{label}** with an error against an fp64 reference of "
         + (f"**{ratio:.3g}×** what a correct {case.dtype} kernel reaches on the same inputs ({level} level; "
            f"a correct kernel stays under {factor:g}×)." if ratio is not None else f"this kind: {v.reason if v else result.error}."),
@@ -243,6 +244,18 @@ def write_repro(case: Case, impl: Implementation, facts: DeviceFacts, out_dir: P
                       facts=facts, result=result, sig=sig, script=script_text, script_exit=code, output=output,
                       controls=_controls(refs, impl, facts, tol, sig.tensor) if sig.tensor else [], tol=tol, note=note,
                       shrunk=shrunk, fp=fp, collect_env=_collect_env() if collect_env else "")
+    pictures: list[Path] = []
+    if plots and sig.tensor:
+        from .plots import available, draw_failure
+
+        why_not = available()
+        if why_not:
+            print(f"gqa-harness repro: no plots: {why_not}", file=sys.stderr)
+        factors = {lv: tol.rule(case.dtype, lv).factor for lv in ("tensor", "slice", "row")}
+        pictures = draw_failure(result.tensors[sig.tensor], out_dir, f"{impl.name} on {case.id}", factors)
+    if pictures:
+        body = body.replace("### Why this is beyond", "".join(f"![{p.stem}]({p.name})\n\n" for p in pictures)
+                            + "### Why this is beyond", 1)
     if code == 0:
         body = ("> **The script did not reproduce the failure on this machine (exit 0)**: do not file this as is.\n\n"
                 + body)
@@ -250,10 +263,6 @@ def write_repro(case: Case, impl: Implementation, facts: DeviceFacts, out_dir: P
     issue.write_text(body)
     summary = {"case": case_spec(case), "case_id": case.id, "impl": impl.name, "signature": str(sig),
                "script_exit": code, "reproduces": code != 0, "device": facts.device, "torch": fp.get("torch"),
-               "shrink": shrunk.to_dict() if shrunk else None}
-    if plots and sig.tensor:
-        from .plots import draw_failure
-
-        summary["plots"] = [p.name for p in draw_failure(result.tensors[sig.tensor], out_dir, f"{impl.name} on {case.id}")]
+               "shrink": shrunk.to_dict() if shrunk else None, "plots": [p.name for p in pictures]}
     (out_dir / "repro.json").write_text(json.dumps(summary, indent=1))
     return Repro(out_dir, script, issue, sig, code, output)

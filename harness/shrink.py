@@ -10,10 +10,12 @@ candidate is accepted when it still fails *the same way*: the same tensor, with 
 kind of failure (accuracy beyond the scale, non-finite values, a contract break, or the
 kernel raising) and the same severity (gross stays gross). Passes over all fields repeat
 until a pass accepts nothing; the result is then locally minimal: every single further
-reduction (`neighbours`) passes or fails differently. Candidates are judged exactly as a
+reduction (`neighbours`) passes or fails differently. With `seeds` > 1 each smaller shape is
+also tried at seeds 0..seeds-1 (in that order), for failures that hit a few rows of some
+draws only; local minimality then covers those seeds too. Candidates are judged exactly as a
 run judges them (runner.references + run_one), without known-failure entries, so a KNOWN
-finding shrinks like any failure. The seed stays: the inputs are re-drawn from it at each
-shape, as the harness does.
+finding shrinks like any failure. By default the seed stays: the inputs are re-drawn from it
+at each shape, as the harness does.
 """
 
 from __future__ import annotations
@@ -69,11 +71,13 @@ def signature_of(result: ImplResult, tensor: str | None = None) -> Signature | N
     return Signature(v.tensor, _kind(v), v.severity)
 
 
-def same_failure(result: ImplResult, sig: Signature) -> bool:
+def same_failure(result: ImplResult, sig: Signature, min_excess: float = 1.0) -> bool:
+    """`result` fails like `sig`, at least `min_excess` times beyond its level's factor."""
     if sig.kind == "error" and not sig.tensor:
         return result.status is Status.ERROR and not result.tensors
     v = result.tensors.get(sig.tensor)
-    return v is not None and v.status is Status.FAIL and _kind(v) == sig.kind and v.severity == sig.severity
+    return (v is not None and v.status is Status.FAIL and _kind(v) == sig.kind and v.severity == sig.severity
+            and v.excess >= min_excess)
 
 
 # --- moves ----------------------------------------------------------------------------------
@@ -146,9 +150,15 @@ MOVES: tuple[tuple[str, Move], ...] = (
 )
 
 
-def neighbours(case: Case) -> list[Case]:
+def with_seeds(case: Case, seeds: int) -> list[Case]:
+    """`case`, then the same shape at seeds 0..seeds-1: inputs are re-drawn at every shape, so a
+    failure that hits a few rows (a data-dependent bug) may need another draw to show at a smaller one."""
+    return [case, *(case.replace(seed=s) for s in range(seeds) if s != case.seed)]
+
+
+def neighbours(case: Case, seeds: int = 1) -> list[Case]:
     """Every single reduction of `case`: a locally minimal case fails on none of them the same way."""
-    return [cand for _, move in MOVES for cand in move(case)]
+    return [variant for _, move in MOVES for cand in move(case) for variant in with_seeds(cand, seeds)]
 
 
 # --- the search -----------------------------------------------------------------------------
@@ -191,13 +201,18 @@ def judge_with(impl: Implementation, facts: DeviceFacts, tol: Tolerances | None 
 
 
 def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None = None, budget_s: float = 300.0,
-           clock: Callable[[], float] = time.monotonic) -> ShrinkResult:
+           clock: Callable[[], float] = time.monotonic, min_excess: float = 1.0, seeds: int = 1) -> ShrinkResult:
+    """`min_excess` > 1 keeps only candidates that fail clearly (error/scale >= min_excess x the factor):
+    a bug that grows with size (a low-precision group sum) otherwise shrinks to a case just over the line."""
     t0 = clock()
     first = judge(start)
     sig = signature_of(first, tensor)
+    what = f"{tensor} of " if tensor else ""
     if sig is None:
-        what = f"{tensor} of " if tensor else ""
         raise ShrinkError(f"{what}{start.id} does not fail on {impl.name} (status {first.status}): nothing to shrink")
+    if not same_failure(first, sig, min_excess):
+        raise ShrinkError(f"{what}{start.id} fails on {impl.name} only {first.tensors[sig.tensor].excess:.3g}x beyond "
+                          f"its factor, under --min-excess {min_excess:g}")
     current, current_result, evaluations, trail = start, first, 1, []
     rejected: set[Case] = set()  # judging is deterministic: a rejected case stays rejected
     progress = True
@@ -207,7 +222,7 @@ def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None =
             accepted = True
             while accepted:
                 accepted = False
-                for cand in move(current):
+                for cand in (variant for c in move(current) for variant in with_seeds(c, seeds)):
                     if cand in rejected:
                         continue
                     if clock() - t0 > budget_s:
@@ -215,7 +230,7 @@ def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None =
                                             clock() - t0, False, trail)
                     result = judge(cand)
                     evaluations += 1
-                    if same_failure(result, sig):
+                    if same_failure(result, sig, min_excess):
                         trail.append(f"{name}: {current.id} → {cand.id}")
                         current, current_result, accepted, progress = cand, result, True, True
                         break

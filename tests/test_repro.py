@@ -105,3 +105,20 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
         write_repro(case, builtin_implementations()["sdpa-math"], CPU, tmp_path)
     with pytest.raises(ReproError, match="not 'flex"):
         render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")
+
+
+def test_plots_are_optional_and_drawn_when_matplotlib_is_there(tmp_path, monkeypatch):
+    from harness import plots
+    from tests.helpers import judge
+    from tests import repro_kernels
+
+    result = judge(parse_case_spec("b=2,hq=4,hkv=2,lq=80,d=64"), repro_kernels.late_rows_scaled)
+    verdict = result.tensors["out"]
+    assert verdict.status.value == "FAIL" and verdict.rule == "row"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plots.available() and plots.draw_failure(verdict, tmp_path, "t") == []
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    paths = plots.draw_failure(verdict, tmp_path, "late rows", {"row": 5.0})
+    assert [p.name for p in paths] == ["heads.png", "positions.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -104,3 +104,27 @@ def test_a_wrong_kernel_on_a_model_size_case_shrinks_to_a_small_case_with_the_sa
     assert same_failure(judge(c), result.signature)
     for smaller in neighbours(c):
         assert not same_failure(judge(smaller), result.signature), smaller.id
+
+
+def test_min_excess_keeps_a_growing_bug_clearly_beyond_its_factor():
+    """A bug whose excess grows like sqrt(group size): by default it shrinks to just over the line."""
+    def judge(case):
+        excess = 0.4 * case.group_size ** 0.5
+        verdict = TensorVerdict("dk", Status.FAIL if excess > 1 else Status.PASS, "tensor", "", "beyond", excess)
+        return ImplResult(case.id, "fake", verdict.status, {"dk": verdict})
+    start = parse_case_spec("b=1,hq=32,hkv=1,lq=64,d=64")
+    assert shrink(start, FAKE, judge).case.group_size == 7
+    assert shrink(start, FAKE, judge, min_excess=2).case.group_size == 25
+    with pytest.raises(ShrinkError, match="under --min-excess 3"):
+        shrink(start, FAKE, judge, min_excess=3)
+
+
+def test_seeds_let_a_draw_dependent_failure_shrink_further_deterministically():
+    """Fails at any length > 100, or from 10 on but only on seed 2's draw (a few unlucky rows)."""
+    needs = lambda c: c.q_len > 100 or (c.q_len >= 10 and c.seed == 2)  # noqa: E731
+    start = parse_case_spec("b=1,hq=4,hkv=4,lq=200,d=64")
+    assert shrink(start, FAKE, fake_judge(needs)).case.q_len == 101
+    found = shrink(start, FAKE, fake_judge(needs), seeds=4)
+    assert (found.case.q_len, found.case.seed) == (10, 2) and found.locally_minimal
+    assert not any(needs(n) for n in neighbours(found.case, seeds=4))
+    assert shrink(start, FAKE, fake_judge(needs), seeds=4).trail == found.trail
