@@ -92,3 +92,19 @@ def gated(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 def wrong_signature(q, k, v):
     """Not F.scaled_dot_product_attention's signature: --impl must refuse it up front."""
     return q
+
+
+# --- real device faults (GPU only): what the injected ones above stand in for on the CPU ---------
+
+
+def device_assert(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """An out-of-bounds gather on the device: a device-side assert, after which the context is unusable."""
+    table = torch.zeros(4, device=query.device)
+    table[torch.tensor([1 << 20], device=query.device)].sum().item()
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+
+
+def real_oom(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Asks the device for 16 TiB: a real torch.OutOfMemoryError from the caching allocator."""
+    torch.empty(1 << 42, dtype=torch.float32, device=query.device)
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
