@@ -39,7 +39,7 @@ class EagerFallback(RuntimeError):
 class GraphCounter:
     """A dynamo backend that counts the graphs it is handed, then compiles them with `compiler`."""
 
-    compiler: str
+    compiler: str | Callable  # a registered backend name, or a backend callable (tests)
     graphs: int = 0
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
@@ -47,7 +47,7 @@ class GraphCounter:
         return torch._dynamo.lookup_backend(self.compiler)(gm, example_inputs)
 
 
-def run_compiled(fn: Callable[..., torch.Tensor], args: tuple, compiler: str = DEFAULT_COMPILER,
+def run_compiled(fn: Callable[..., torch.Tensor], args: tuple, compiler: str | Callable = DEFAULT_COMPILER,
                  notes: dict[str, str] | None = None) -> torch.Tensor:
     """fn(*args) through torch.compile(fullgraph=True) from a fresh dynamo state; raises if nothing compiled."""
     torch.compiler.reset()
@@ -57,7 +57,7 @@ def run_compiled(fn: Callable[..., torch.Tensor], args: tuple, compiler: str = D
     if counter.graphs < 1:
         raise EagerFallback(f"torch.compile({compiler}) compiled no graph: the call ran eagerly")
     if notes is not None:
-        notes["compiler"] = compiler
+        notes["compiler"] = compiler if isinstance(compiler, str) else getattr(compiler, "__name__", type(compiler).__name__)
         notes["compiled_graphs"] = str(counter.graphs)
     return out
 
@@ -70,7 +70,7 @@ def _available(kinds: tuple[str, ...], backend: str) -> Callable[[DeviceFacts], 
     return check
 
 
-def compiled_forward(backend: SDPBackend | None, compiler: str = DEFAULT_COMPILER) -> Callable[[SdpaCall], torch.Tensor]:
+def compiled_forward(backend: SDPBackend | None, compiler: str | Callable = DEFAULT_COMPILER) -> Callable[[SdpaCall], torch.Tensor]:
     """SDPA pinned to `backend` (None: unpinned) inside the compiled region, as a user writes it."""
 
     def forward(call: SdpaCall) -> torch.Tensor:
