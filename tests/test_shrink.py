@@ -128,3 +128,19 @@ def test_seeds_let_a_draw_dependent_failure_shrink_further_deterministically():
     assert (found.case.q_len, found.case.seed) == (10, 2) and found.locally_minimal
     assert not any(needs(n) for n in neighbours(found.case, seeds=4))
     assert shrink(start, FAKE, fake_judge(needs), seeds=4).trail == found.trail
+
+
+def test_a_failure_where_the_truth_is_zero_is_another_kind():
+    """dQ of top-left causal with Lq = 1 is exactly 0: error there is judged against fp32 roundoff,
+    not the same failure as one beyond the low-precision reference."""
+    from tests.helpers import judge
+    from tests.wrong_kernels import fp32_reference
+
+    def noisy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        out = fp32_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out + (out.detach().float() * 0 + 1e-3 * query.float().sum(-1, keepdim=True)).to(out.dtype)
+
+    at_zero = judge(parse_case_spec("b=1,hq=4,hkv=4,lq=1,lk=40,d=64,causal=top-left"), noisy)
+    assert signature_of(at_zero, "dq").kind == "accuracy-at-zero"
+    beyond = judge(parse_case_spec("b=1,hq=4,hkv=4,lq=40,lk=40,d=64,causal=top-left"), noisy)
+    assert signature_of(beyond, "dq").kind == "accuracy"
