@@ -111,10 +111,18 @@ def _canary(report: dict[str, Any]) -> str:
     return "failed as expected" if report.get("summary", {}).get("canary_failed_as_expected") else "DID NOT FAIL"
 
 
+def _identity(fp: dict[str, Any]) -> tuple:
+    """Reports of one device and software stack share a column (a suite split over several runs)."""
+    return tuple(fp.get(k) for k in ("device_label", "device_name", "torch", "cuda", "hip", "cudnn"))
+
+
 def _columns(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """The device label; the device name, then torch, then a counter where labels collide
-    (H100 and H200 are both cuda-sm_90)."""
-    fps = [r["fingerprint"] for _, r in reports]
+    """The device label; the device name, then torch, then a counter where labels of different
+    devices collide (H100 and H200 are both cuda-sm_90)."""
+    firsts: dict[tuple, dict[str, Any]] = {}
+    for _, r in reports:
+        firsts.setdefault(_identity(r["fingerprint"]), r["fingerprint"])
+    fps = list(firsts.values())
     names = [str(fp.get("device_label") or fp.get("device") or "device") for fp in fps]
     for extra in ("device_name", "torch"):
         counts = defaultdict(int)
@@ -122,11 +130,11 @@ def _columns(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
             counts[n] += 1
         names = [f"{n} {fp.get(extra)}" if counts[n] > 1 and fp.get(extra) else n for n, fp in zip(names, fps)]
     seen: dict[str, int] = defaultdict(int)
-    out = []
-    for n in names:
+    by_identity = {}
+    for identity, n in zip(firsts, names):
         seen[n] += 1
-        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
-    return out
+        by_identity[identity] = n if seen[n] == 1 else f"{n} #{seen[n]}"
+    return [by_identity[_identity(r["fingerprint"])] for _, r in reports]
 
 
 @dataclass(frozen=True)
@@ -201,15 +209,31 @@ def build_matrix(paths: list[str | Path]) -> Matrix:
     conflicts = _hash_conflicts(usable, columns)
     refused += sorted(conflicts.values())
     cells: dict[RowKey, dict[str, Cell]] = defaultdict(dict)
-    for column, (_, report) in zip(columns, usable):
+    for column, (path, report) in zip(columns, usable):
+        twice = 0
         for key, cell in report_rows(report).items():
-            if key[0] not in conflicts:
-                cells[key][column] = cell
+            if key[0] in conflicts:
+                continue
+            if column in cells[key]:
+                twice += 1
+                continue
+            cells[key][column] = cell
+        if twice:
+            refused.append(f"{path}: {twice} row(s) already given for {column} by an earlier report; the first kept")
     order = {"disagree": 0, "fails": 1, "other": 2, "passes": 3}
     rows = [Row(key, c, *_classify(c)) for key, c in cells.items()]
     worst = lambda r: max((c.ratio or 0.0) for c in r.cells.values())  # noqa: E731
     rows.sort(key=lambda r: (order[r.group], -worst(r), r.key))
-    devices = [Device(col, path, rep["fingerprint"], _canary(rep)) for col, (path, rep) in zip(columns, usable)]
+    states: dict[str, list[str]] = defaultdict(list)
+    paths: dict[str, list[str]] = defaultdict(list)
+    fps: dict[str, dict[str, Any]] = {}
+    for col, (path, rep) in zip(columns, usable):  # further reports of a device share its column
+        states[col].append(_canary(rep))
+        paths[col].append(path)
+        fps.setdefault(col, rep["fingerprint"])
+    devices = [Device(col, ", ".join(paths[col]), fps[col],
+                      next((s for s in ("DID NOT FAIL", "failed as expected") if s in states[col]), "not run"))
+               for col in fps]
     return Matrix(devices, rows, refused)
 
 

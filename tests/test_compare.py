@@ -95,3 +95,12 @@ def test_markdown_and_json_files_and_the_cli(three_devices, tmp_path, capsys):
     assert (tmp_path / "cli.json").exists()
     assert main(["compare", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such report" in capsys.readouterr().err
+
+
+def test_reports_of_one_device_share_a_column(tmp_path):
+    a = make_report("cpu", {"sdpa-flash": "correct"}, CASES[:1])
+    b = make_report("cpu", {"sdpa-flash": "correct"}, CASES[1:])
+    m = build_matrix([_save(tmp_path, "a", a), _save(tmp_path, "b", b), _save(tmp_path, "c", b)])
+    assert [d.column for d in m.devices] == ["cpu-x86_64"]
+    assert {r.key[0] for r in m.rows} == {c.id for c in CASES}
+    assert any("already given for cpu-x86_64" in line for line in m.refused)
