@@ -107,10 +107,24 @@ def _visible_keys(case: Case, r0: int, r1: int) -> tuple[int, int]:
     return min(lk, max(0, r0 + offset + 1)), min(lk, max(1, r1 + offset))
 
 
+def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype) -> torch.Tensor:
+    """(B, Hq, L, D) -> contiguous (B, Hkv, L, G, D) in `compute`: a block's rows of all the group's
+    query heads are then one contiguous (rows x G, D) matrix, a GEMM operand without a copy."""
+    _, _, length, dim = t.shape
+    out = torch.empty(b, hkv, length, g, dim, dtype=compute)
+    return out.copy_(t.view(b, hkv, g, length, dim).transpose(2, 3))
+
+
+def _heads_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, L, G, ...) -> (B, Hkv * G, L, ...): the inverse of _rows_major."""
+    b, hkv, length, g = t.shape[:4]
+    return t.transpose(2, 3).reshape(b, hkv * g, length, *t.shape[4:])
+
+
 def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None) -> AttentionResult:
     """Blocked attention forward + backward in `compute` precision under a rounding policy."""
     case = inputs.case
-    b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
+    b, hkv, lq, lk = case.batch, case.kv_heads, case.q_len, case.kv_len
     g, d, dv_dim = case.group_size, case.head_dim, case.value_dim
     scale = softmax_scale(case)
     itemsize = torch.finfo(compute).bits // 8
@@ -118,20 +132,20 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     nh = _heads_per_block(case, chunk, itemsize)
 
     # The softmax scale is folded into Q (for S and dK) and K (for dQ): no pass over a logits block.
-    qs = inputs.q.to(compute, copy=True).mul_(scale).view(b, hkv, g, lq, d)
+    qs = _rows_major(inputs.q, b, hkv, g, compute).mul_(scale)
     k = inputs.k.to(compute)
     ks = k * scale
     v = inputs.v.to(compute)
-    do = inputs.grad_out.to(compute).view(b, hkv, g, lq, dv_dim)
+    do = _rows_major(inputs.grad_out, b, hkv, g, compute)
     mask = inputs.mask
     if mask is not None:
         per_head = mask.shape[1] != 1
-        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk)
+        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk).transpose(2, 3)
 
-    out = torch.empty(b, hkv, g, lq, dv_dim, dtype=compute)
-    lse = torch.empty(b, hkv, g, lq, dtype=compute)
+    out = torch.empty(b, hkv, lq, g, dv_dim, dtype=compute)
+    lse = torch.empty(b, hkv, lq, g, dtype=compute)
     grads = case.grads
-    dq = torch.empty(b, hkv, g, lq, d, dtype=compute) if grads else None
+    dq = torch.empty(b, hkv, lq, g, d, dtype=compute) if grads else None
     if grads and policy.per_head_dkdv:
         dk_acc = torch.zeros(b, hkv, g, lk, d, dtype=compute)
         dv_acc = torch.zeros(b, hkv, g, lk, dv_dim, dtype=compute)
@@ -152,33 +166,35 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
                        out, lse, dq, dk_acc if grads else None, dv_acc if grads else None)
 
     fin = policy.round
-    output = fin(out.view(b, hq, lq, dv_dim))
+    output = fin(_heads_major(out))
+    lse_out = _heads_major(lse)
     if not grads:
-        return AttentionResult(output, lse.view(b, hq, lq), None, None, None)
+        return AttentionResult(output, lse_out, None, None, None)
     if policy.per_head_dkdv:
         dk_acc = fin(dk_acc).sum(2)
         dv_acc = fin(dv_acc).sum(2)
-    return AttentionResult(output, lse.view(b, hq, lq), fin(dq.view(b, hq, lq, d)), fin(dk_acc), fin(dv_acc))
+    return AttentionResult(output, lse_out, fin(_heads_major(dq)), fin(dk_acc), fin(dv_acc))
 
 
 def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask, out, lse, dq, dk_acc, dv_acc):
-    """Forward and backward of query rows [r0, r1) of kv heads [h0, h1) of batch bi, against keys [0, c1)."""
+    """Forward and backward of query rows [r0, r1) of kv heads [h0, h1) of batch bi, against keys [0, c1).
+    Blocks are (heads, rows, group, keys): row-major over (row, query head of the group)."""
     nh, g, n = h1 - h0, case.group_size, r1 - r0
     d, dv_dim = case.head_dim, case.value_dim
-    qc = qs[bi, h0:h1, :, r0:r1]  # (nh, g, n, d)
+    qc = qs[bi, h0:h1, r0:r1]  # (nh, n, g, d), each head's rows contiguous
     kc, vc = k[bi, h0:h1, :c1], v[bi, h0:h1, :c1]
-    s = torch.matmul(qc.reshape(nh, g * n, d), kc.transpose(-1, -2)).view(nh, g, n, c1)
+    s = torch.matmul(qc.reshape(nh, n * g, d), kc.transpose(-1, -2)).view(nh, n, g, c1)
     if mask is not None:
         mh = slice(h0, h1) if mask.shape[1] > 1 else slice(None)
-        mc = mask[bi if mask.shape[0] > 1 else 0, mh, :, r0:r1, :c1]
+        mc = mask[bi if mask.shape[0] > 1 else 0, mh, r0:r1, :, :c1]
         if mc.dtype == torch.bool:
             s.masked_fill_(~mc, float("-inf"))
         else:
             s.add_(mc.to(s.dtype))  # added exactly as quantized
     if c0 < c1:  # the causal diagonal: only keys [c0, c1) are masked for some row of the block
         offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
-        rows = torch.arange(r0, r1)[:, None]
-        cols = torch.arange(c0, c1)[None, :]
+        rows = torch.arange(r0, r1)[:, None, None]
+        cols = torch.arange(c0, c1)
         s[..., c0:c1].masked_fill_(cols > rows + offset, float("-inf"))
 
     m = s.amax(-1, keepdim=True)
@@ -187,16 +203,16 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
     p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
     l = p.sum(-1, keepdim=True)
     l_safe = l.masked_fill(dead, 1.0)
-    lse[bi, h0:h1, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
+    lse[bi, h0:h1, r0:r1] = (m + torch.log(l)).squeeze(-1)
     p_pv = policy.round(p, policy.p_before_pv)
-    o = torch.matmul(p_pv.view(nh, g * n, c1), vc).view(nh, g, n, dv_dim).div_(l_safe)
-    out[bi, h0:h1, :, r0:r1] = o
+    o = torch.matmul(p_pv.view(nh, n * g, c1), vc).view(nh, n, g, dv_dim).div_(l_safe)
+    out[bi, h0:h1, r0:r1] = o
     if dq is None:
         return
 
-    doc = do[bi, h0:h1, :, r0:r1]
+    doc = do[bi, h0:h1, r0:r1]
     delta = (doc * policy.round(o, policy.o_as_stored)).sum(-1, keepdim=True)
-    dp = torch.matmul(doc.reshape(nh, g * n, dv_dim), vc.transpose(-1, -2)).view(nh, g, n, c1)
+    dp = torch.matmul(doc.reshape(nh, n * g, dv_dim), vc.transpose(-1, -2)).view(nh, n, g, c1)
     if normalise:
         p.div_(l_safe)  # normalised P
         inv_l = None
@@ -207,15 +223,16 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
     p_dv = policy.round(p, policy.p_before_dv)
     q_dk = qc if inv_l is None else qc * inv_l
     do_dv = doc if inv_l is None else doc * inv_l
-    dq_c = torch.matmul(ds_g.view(nh, g * n, c1), ks[bi, h0:h1, :c1]).view(nh, g, n, d)
-    dq[bi, h0:h1, :, r0:r1] = dq_c if inv_l is None else dq_c.mul_(inv_l)
+    dq_c = torch.matmul(ds_g.view(nh, n * g, c1), ks[bi, h0:h1, :c1]).view(nh, n, g, d)
+    dq[bi, h0:h1, r0:r1] = dq_c if inv_l is None else dq_c.mul_(inv_l)
     if policy.per_head_dkdv:
-        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(ds_g.transpose(-1, -2), q_dk)
-        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.transpose(-1, -2), do_dv)
+        # (nh, g, c1, n) @ (nh, g, n, d): each query head's own dK/dV, summed (rounded) at the end
+        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(ds_g.permute(0, 2, 3, 1), q_dk.transpose(1, 2))
+        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
     else:
         # stacking the group's rows makes this GEMM's accumulation the group sum
-        dk_acc[bi, h0:h1, :c1] += torch.matmul(ds_g.view(nh, g * n, c1).transpose(-1, -2), q_dk.reshape(nh, g * n, d))
-        dv_acc[bi, h0:h1, :c1] += torch.matmul(p_dv.view(nh, g * n, c1).transpose(-1, -2), do_dv.reshape(nh, g * n, dv_dim))
+        dk_acc[bi, h0:h1, :c1] += torch.matmul(ds_g.view(nh, n * g, c1).transpose(-1, -2), q_dk.reshape(nh, n * g, d))
+        dv_acc[bi, h0:h1, :c1] += torch.matmul(p_dv.view(nh, n * g, c1).transpose(-1, -2), do_dv.reshape(nh, n * g, dv_dim))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None) -> AttentionResult:
