@@ -36,7 +36,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .compare import Cell, ReportError, RowKey, load_report, report_rows
+from .compare import Cell, ReportError, RowKey, report_rows
 from .metrics import LEVELS
 
 JUDGED = ("FAIL", "KNOWN", "PASS", "FIXED")  # statuses that carry error / scale numbers

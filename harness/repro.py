@@ -166,7 +166,7 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
     if note:
         describe += ["", note]
     if shrunk is not None:
-        describe += ["", f"Found by [gqa-harness](README.md) and shrunk from `{case_spec(shrunk.start)}` by `gqa-harness shrink` "
+        describe += ["", f"Found by gqa-harness and shrunk from `{case_spec(shrunk.start)}` by `gqa-harness shrink` "
                      f"({shrunk.evaluations} evaluations; "
                      + ("locally minimal: every single smaller batch, head count, length or head dim, and dropping the mask "
                         "or causal, passes or fails differently)." if shrunk.locally_minimal else

@@ -91,15 +91,15 @@ def test_signature_picks_the_worst_failure_gross_first():
 
 
 def test_a_wrong_kernel_on_a_model_size_case_shrinks_to_a_small_case_with_the_same_failure():
-    """Acceptance: Llama-8B-like heads (32 query, 8 kv), 128 tokens, d 128, B 2; a kv-head mapping bug."""
+    """Acceptance: Llama-8B-like heads (32 query, 8 kv), d 128, B 2, 96 tokens; a kv-head mapping bug."""
     impl = implementation_from_callable(repro_kernels.tiled_kv_heads, "tests.repro_kernels:tiled_kv_heads")
     judge = judge_with(impl, CPU)
-    start = parse_case_spec("b=2,hq=32,hkv=8,lq=128,lk=128,d=128")
+    start = parse_case_spec("b=2,hq=32,hkv=8,lq=96,lk=96,d=128")
     result = shrink(start, impl, judge, budget_s=600)
     c = result.case
     assert result.locally_minimal
     assert (c.batch, c.q_heads, c.kv_heads) == (1, 4, 2)  # the smallest GQA where tiled != interleaved
-    assert c.q_len * c.kv_len * c.head_dim <= 128 * 128 * 128 // 64
+    assert c.q_len * c.kv_len * c.head_dim <= 96 * 96 * 128 // 64
     assert result.signature == Signature("out", "accuracy", "gross")
     assert same_failure(judge(c), result.signature)
     for smaller in neighbours(c):
