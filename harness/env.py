@@ -79,8 +79,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def rocm_version(environ: dict[str, str] | None = None) -> str | None:
+    """The ROCm release installed (not the HIP version torch was built with): the file every
+    ROCm install writes, under $ROCM_PATH or /opt/rocm, as in AMD's rocm/pytorch images."""
+    root = (os.environ if environ is None else environ).get("ROCM_PATH") or "/opt/rocm"
+    try:
+        with open(os.path.join(root, ".info", "version")) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
 def _rocm_facts() -> dict[str, object]:
-    facts: dict[str, object] = {"hip": torch.version.hip}
+    facts: dict[str, object] = {"hip": torch.version.hip, "rocm": rocm_version()}
     getter = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
     if getter is not None:
         try:

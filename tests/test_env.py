@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.env import DeviceError, device_facts, device_label, fingerprint, gpu_facts, pin_math_reduction
+from harness.env import (DeviceError, device_facts, device_label, fingerprint, gpu_facts, pin_math_reduction,
+                         rocm_version)
 from harness.implementations import builtin_implementations, resolve, RegistryError
 
 
@@ -59,3 +60,10 @@ def test_fingerprint_records_the_pinned_math_reduction_setting():
     fp = fingerprint(device_facts("cpu"))
     assert fp["math_fp16_bf16_reduction_allowed"] is False
     assert {"torch", "cuda", "hip", "cudnn", "device_label", "cpu", "python", "harness"} <= set(fp)
+
+
+def test_rocm_version_is_read_from_the_rocm_install_and_absent_without_one(tmp_path):
+    (tmp_path / ".info").mkdir()
+    (tmp_path / ".info" / "version").write_text("7.2.4-43\n")
+    assert rocm_version({"ROCM_PATH": str(tmp_path)}) == "7.2.4-43"
+    assert rocm_version({"ROCM_PATH": str(tmp_path / "nowhere")}) is None
