@@ -23,11 +23,12 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 
 from . import strategies  # noqa: F401 - registers the dev/ci/nightly Hypothesis profiles before --hypothesis-profile loads one
+from .pinning import pin_worker
 
 PARTS = ".parts"
 MARKERS = {
@@ -53,76 +54,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--gqa-max-tokens", type=int, default=None, help="cap q/kv lengths, keeping head geometry")
     g.addoption("--gqa-out", default="gqa-report", help="merged JSON + Markdown report directory (default: gqa-report)")
     g.addoption("--gqa-strict", action="store_true", help="KNOWN failures fail their items")
+    g.addoption("--gqa-in-process", action="store_true",
+                help="run kernels in the pytest process (default: a worker process, so a crash or hang is a result)")
 
 
 def active(config: pytest.Config) -> bool:
     return bool(config.getoption("gqa_suite", None) or config.getoption("gqa_case", None))
-
-
-# --- device pinning and threads (pure, tested with injected environments) ---------------------
-
-
-def worker_index(worker: str) -> int:
-    """`gw3` -> 3."""
-    digits = worker.lstrip("gw")
-    if not digits.isdigit():
-        raise pytest.UsageError(f"PYTEST_XDIST_WORKER={worker!r} is not of the form gwN")
-    return int(digits)
-
-
-def pinned_env(env: Mapping[str, str], worker: str, hip: bool) -> dict[str, str | None]:
-    """Environment changes that pin xdist worker gwN to one GPU: the N-th of the GPUs visible to
-    the run (or device N when none are listed). None means unset. ROCm reads HIP_VISIBLE_DEVICES,
-    and a CUDA_VISIBLE_DEVICES left beside it would re-index the pinned list, so it goes."""
-    index = worker_index(worker)
-    var = "HIP_VISIBLE_DEVICES" if hip else "CUDA_VISIBLE_DEVICES"
-    listed = (env.get("HIP_VISIBLE_DEVICES") or env.get("CUDA_VISIBLE_DEVICES")) if hip else env.get("CUDA_VISIBLE_DEVICES")
-    devices = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
-    changes: dict[str, str | None] = {var: devices[index % len(devices)] if devices else str(index)}
-    if hip and "CUDA_VISIBLE_DEVICES" in env:
-        changes["CUDA_VISIBLE_DEVICES"] = None
-    return changes
-
-
-def threads_per_worker(cores: int, workers: int) -> int:
-    return max(1, cores // max(1, workers))
-
-
-def wants_gpu_pinning(device: str | None) -> bool:
-    """The default device and bare `cuda` are pinned; `cpu` has nothing to pin and an explicit
-    `cuda:N` is the user's choice."""
-    return device is None or device == "cuda"
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def pin_worker(config: pytest.Config, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Pin this xdist worker before anything touches a device; returns what it did."""
-    env = os.environ if env is None else env
-    worker = env.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        return {}
-    import torch  # importing does not initialise CUDA; the device count is read at first use
-
-    done: dict[str, Any] = {"worker": worker}
-    if wants_gpu_pinning(config.getoption("gqa_device")):
-        if torch.cuda.is_initialized():
-            raise pytest.UsageError("CUDA was initialised before the gqa-harness plugin could pin this worker to one GPU")
-        for var, value in pinned_env(env, worker, hip=torch.version.hip is not None).items():
-            if value is None:
-                env.pop(var, None)
-            else:
-                env[var] = value
-            done[var] = value
-    threads = threads_per_worker(_available_cores(), int(env.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    torch.set_num_threads(threads)
-    done["threads"] = threads
-    return done
 
 
 # --- hooks -----------------------------------------------------------------------------------
@@ -155,7 +92,8 @@ def pytest_configure(config: pytest.Config) -> None:
     out = Path(config.getoption("gqa_out"))
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         shutil.rmtree(out / PARTS, ignore_errors=True)  # the controller starts each run clean
-    config.stash[_STATE] = RunState(out=out, pinned=pinned, strict=config.getoption("gqa_strict"))
+    config.stash[_STATE] = RunState(out=out, pinned=pinned, strict=config.getoption("gqa_strict"),
+                                    isolate=not config.getoption("gqa_in_process"))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -196,6 +134,7 @@ class RunState:
     out: Path
     pinned: dict[str, Any]
     strict: bool = False
+    isolate: bool = True  # kernels in a spawn-started worker (worker.py), as `gqa-harness run` does
     facts: Any = None
     label: str = ""
     impls: list = field(default_factory=list)
@@ -204,6 +143,8 @@ class RunState:
     known: list = field(default_factory=list)
     sink: Any = None
     refs: Any = None
+    too_big: str | None = None
+    worker: Any = None
     merged: tuple[dict[str, Any], Path] | None = None
 
     def setup(self, device: str | None, impl_names: list[str]) -> None:
@@ -230,26 +171,48 @@ class RunState:
                    "unavailable": self.unavailable})
 
     def references(self, case):
+        """The case's references, computed once (a case's items run back to back on one worker)."""
         from .case import case_spec
+        from .memory import skip_reason
         from .runner import references
 
         if self.refs is None or self.refs.inputs.case != case:
             if self.sink is None:
                 self._open()
-            self.refs = references(case)
+            self.too_big = skip_reason(case)
+            self.refs = None if self.too_big else references(case)
             # the same case record execute_plan streams, so build_report reads both alike
             self.sink({"type": "case", "case_id": case.id, "case": case.to_dict(), "spec": case_spec(case),
-                       "input_sha256": self.refs.inputs.hashes(), "oracle_seconds": round(self.refs.seconds, 4)})
+                       "input_sha256": self.refs.inputs.hashes() if self.refs else {},
+                       "oracle_seconds": round(self.refs.seconds, 4) if self.refs else 0.0})
         return self.refs
 
-    def run(self, case, impl):
-        from .runner import run_one
+    def _executor(self, impl):
+        from .worker import Worker, rebuildable
 
-        result = run_one(self.references(case), impl, self.facts, self.tol, self.known, self.label)
+        if not self.isolate or not rebuildable(impl):
+            return None
+        if self.worker is None:
+            self.worker = Worker(self.facts.device, self.facts.kind)
+        return self.worker.execute
+
+    def run(self, case, impl):
+        from .runner import ImplResult, run_one
+        from .verdict import Status
+
+        refs = self.references(case)
+        if refs is None:
+            result = ImplResult(case_id=case.id, impl=impl.name, status=Status.UNSUPPORTED, error=self.too_big,
+                                error_kind="memory", canary=impl.canary)
+        else:
+            result = run_one(refs, impl, self.facts, self.tol, self.known, self.label, self._executor(impl))
         self.sink({"type": "result", **result.to_dict()})
         return result
 
     def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -259,7 +222,7 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
     return {"command": " ".join(["pytest", *config.invocation_params.args]),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "suite": ",".join(config.getoption("gqa_suite")) or None, "max_tokens": config.getoption("gqa_max_tokens"),
-            "strict": config.getoption("gqa_strict")}
+            "strict": config.getoption("gqa_strict"), "isolate": not config.getoption("gqa_in_process")}
 
 
 def merge_parts(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:

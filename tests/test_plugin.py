@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import plugin
-from harness.plugin import pinned_env, threads_per_worker, worker_index
+from harness import pinning
+from harness.pinning import pinned_env, threads_per_worker, worker_index
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "b=2,hq=4,hkv=2,lq=24,lk=24,d=32"
@@ -81,21 +81,21 @@ def test_pin_worker_in_a_fake_8_gpu_environment_sets_the_device_and_threads(monk
     threads = []
     monkeypatch.setattr("torch.set_num_threads", threads.append)
     monkeypatch.setattr("torch.cuda.is_initialized", lambda: False)
-    monkeypatch.setattr(plugin, "_available_cores", lambda: 64)
+    monkeypatch.setattr(pinning, "_available_cores", lambda: 64)
     for n in range(8):
         env = {"PYTEST_XDIST_WORKER": f"gw{n}", "PYTEST_XDIST_WORKER_COUNT": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
-        done = plugin.pin_worker(_Config(None), env)
+        done = pinning.pin_worker(_Config(None), env)
         assert env["CUDA_VISIBLE_DEVICES"] == str(n) and done["CUDA_VISIBLE_DEVICES"] == str(n)
     assert threads == [8] * 8
     cpu_env = {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
-    assert "CUDA_VISIBLE_DEVICES" not in plugin.pin_worker(_Config("cpu"), cpu_env) and "CUDA_VISIBLE_DEVICES" not in cpu_env
-    assert plugin.pin_worker(_Config(None), {}) == {}  # not an xdist worker: nothing to pin
+    assert "CUDA_VISIBLE_DEVICES" not in pinning.pin_worker(_Config("cpu"), cpu_env) and "CUDA_VISIBLE_DEVICES" not in cpu_env
+    assert pinning.pin_worker(_Config(None), {}) == {}  # not an xdist worker: nothing to pin
 
 
 def test_pinning_after_cuda_was_initialised_is_refused(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_initialized", lambda: True)
     with pytest.raises(pytest.UsageError, match="initialised before"):
-        plugin.pin_worker(_Config("cuda"), {"PYTEST_XDIST_WORKER": "gw0"})
+        pinning.pin_worker(_Config("cuda"), {"PYTEST_XDIST_WORKER": "gw0"})
 
 
 # --- items, outcomes, JUnit, -k, --lf (subprocess pytest runs) -------------------------------------
