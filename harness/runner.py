@@ -11,7 +11,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -239,7 +239,11 @@ def execute_plan(plan: RunPlan, sink: Callable[[dict[str, Any]], None],
                     result = run_one(refs, impl, plan.facts, plan.tol, plan.known, plan.device_label, executor)
                     if result.error_kind == "oom":
                         ooms.record(impl.name, case)
-                    if checker and worker and result.status is Status.FAIL and not impl.canary:
+                    isolated = worker is not None and executor == worker.execute
+                    if worker is not None and not isolated:
+                        result = replace(result, notes={**result.notes, "isolation": "ran in the parent process: "
+                                                        "a worker cannot rebuild this implementation by name"})
+                    if checker and isolated and result.status is Status.FAIL and not impl.canary:
                         checker.note(result, refs, impl, worker.history[:-1])
                 sink({"type": "result", **result.to_dict()})
                 results.append(result)
