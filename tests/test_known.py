@@ -18,7 +18,7 @@ from harness.verdict import Status
 from . import wrong_kernels
 from .helpers import judge
 
-CASE = Case(batch=1, q_heads=16, kv_heads=1, q_len=64, kv_len=64, head_dim=64)  # group size 16: dK/dV fail
+CASE = Case(batch=1, q_heads=32, kv_heads=1, q_len=128, kv_len=128, head_dim=64)  # group size 32: dK/dV fail
 
 
 def _toml(tmp_path, body: str):
