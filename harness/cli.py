@@ -75,7 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     summ.add_argument("--prefix", default="gqa-report", help="artifact name prefix (default: gqa-report)")
     summ.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     _add_issue10_parsers(sub)
+    _add_calibrate_bench_parsers(sub)
     return p
+
+
+def _add_calibrate_bench_parsers(sub) -> None:
+    cal = sub.add_parser("calibrate", help="measure error/scale of the low-precision designs and known-good kernels")
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--suite", action="append", default=None, help="corpus suite(s) besides the axis grid (default: smoke)")
+    cal.add_argument("--seeds", type=int, default=3, help="seeds per case (default 3)")
+    cal.add_argument("--first-seed", type=int, default=1000, help="seeds are FIRST.. (distinct from the audit's 10000..)")
+    cal.add_argument("--no-grid", action="store_true", help="leave out the axis grid (group size, length, head dim, B*H)")
+    cal.add_argument("--out", default="reports/calibration", help="writes <device>.json/.md here")
+    cal.add_argument("--quiet", action="store_true")
+
+    bench = sub.add_parser("bench", help="oracle throughput vs fp64 GEMM, oracle peak memory, suite wall time")
+    bench.add_argument("--device", default=None, help="device for the suite timing (the oracle is always CPU)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--length", type=int, default=1024, help="sequence length of the throughput shapes")
+    bench.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    bench.add_argument("--memory-lengths", default="1024,2048,4096,8192,16384", help="kv lengths for peak memory")
+    bench.add_argument("--suite", default="smoke", help="suite to time ('none' to skip)")
+    bench.add_argument("--out", default=None, help="also write bench.json/.md here")
+    bench.add_argument("--quiet", action="store_true")
 
 
 def _add_issue10_parsers(sub) -> None:
@@ -108,6 +130,9 @@ def _add_issue10_parsers(sub) -> None:
     shr.add_argument("--out", default=None, help="write the result as JSON")
     rep = sub.choices["repro"]
     rep.add_argument("--shrink", action="store_true", help="shrink the case first")
+    rep.add_argument("--after", action="append", default=[], metavar="SPEC@IMPL",
+                     help="a call that preceded an order-dependent failure (its report's notes.order.after), "
+                          "replayed first; repeatable, in order")
     rep.add_argument("--out", default="gqa-repro", help="directory for repro.py, issue.md (default: gqa-repro)")
     rep.add_argument("--title", default=None, help="issue title (default: generated)")
     rep.add_argument("--note", default="", help="a paragraph for 'Describe the bug'")
@@ -219,6 +244,29 @@ def cmd_audit(args) -> int:
         raise UsageError("--seeds and --threads must be at least 1 and --first-seed non-negative")
     return audit_command(args.device, args.suite, args.seeds, args.first_seed, args.impl, Path(args.out), args.quiet,
                          args.threads)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_command
+
+    if args.seeds < 1 or args.first_seed < 0:
+        raise UsageError("--seeds must be at least 1 and --first-seed non-negative")
+    return calibrate_command(args.device, args.suite if args.suite is not None else ["smoke"], args.seeds,
+                             args.first_seed, not args.no_grid, Path(args.out), args.quiet)
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, bench_command
+
+    try:
+        lengths = tuple(int(x) for x in args.memory_lengths.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--memory-lengths {args.memory_lengths!r} is not a comma list of integers") from None
+    if args.length < 1 or args.repeats < 1 or any(n < 1 for n in lengths):
+        raise UsageError("--length, --repeats and --memory-lengths must be positive")
+    cfg = BenchConfig(length=args.length, repeats=args.repeats, memory_lengths=lengths,
+                      suite=None if args.suite == "none" else args.suite, device=args.device)
+    return bench_command(cfg, args.json, Path(args.out) if args.out else None, args.quiet)
 
 
 def cmd_known(args) -> int:
@@ -343,11 +391,22 @@ def cmd_shrink(args) -> int:
 def cmd_repro(args) -> int:
     from .repro import write_repro
 
+    from .case import parse_case_spec
+    from .implementations import resolve
+
     case, impl, facts = _failure(args)
+    after = []
+    for item in args.after:
+        spec, sep, name = item.rpartition("@")
+        if not sep:
+            raise UsageError(f"--after {item!r} is not CASE_SPEC@IMPL")
+        after.append((parse_case_spec(spec), resolve([name], facts)[0][0]))
+    if args.shrink and after:
+        raise UsageError("--shrink with --after is not supported: shrink judges each case alone")
     shrunk = _shrunk(args, case, impl, facts) if args.shrink else None
     repro = write_repro(shrunk.case if shrunk else case, impl, facts, Path(args.out),
                         tensor=shrunk.signature.tensor or None if shrunk else args.tensor, title=args.title,
-                        note=args.note, shrunk=shrunk, collect_env=args.collect_env, plots=args.plots)
+                        note=args.note, shrunk=shrunk, collect_env=args.collect_env, plots=args.plots, after=after)
     print(repro.script_output)
     if not repro.reproduces:
         print(f"gqa-harness repro: {repro.script} exits 0 here: it does not reproduce the failure", file=sys.stderr)
@@ -357,7 +416,8 @@ def cmd_repro(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "env": cmd_env, "implementations": cmd_implementations, "summary": cmd_summary,
-            "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "shrink": cmd_shrink, "repro": cmd_repro, "audit": cmd_audit, "known": cmd_known}
+            "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "shrink": cmd_shrink, "repro": cmd_repro, "audit": cmd_audit, "known": cmd_known,
+            "calibrate": cmd_calibrate, "bench": cmd_bench}
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:

@@ -86,10 +86,55 @@ def _call(case: Case, impl: str, user: str | None) -> tuple[list[str], str]:
     return imports, f"out = {call}  # unpinned: dispatch picks the backend"
 
 
+def _replay(after: list[tuple[Case, str]], user: str | None) -> tuple[list[str], list[str]]:
+    """Imports and lines that replay the calls which preceded an order-dependent failure."""
+    if not after:
+        return [], []
+    lines = [
+        "",
+        "def replay(shape, seed, dtype, causal, scale, run):  # a call that ran before the failing one, same process",
+        "    g = torch.Generator().manual_seed(seed)",
+        "    b, hq, hkv, lq, lk, d, dv = shape",
+        "    q, k, v = (torch.randn(b, h, n, e, generator=g).to(dtype).to(DEVICE).requires_grad_()",
+        "               for h, n, e in ((hq, lq, d), (hkv, lk, d), (hkv, lk, dv)))",
+        "    do = torch.randn(b, hq, lq, dv, generator=g).to(dtype).to(DEVICE)",
+        "    torch.autograd.grad(run(q, k, v, causal, scale), (q, k, v), do)",
+        "",
+        "def pinned(backend, expand):",
+        "    def run(q, k, v, causal, scale):",
+        "        if expand:",
+        "            k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)",
+        "        with sdpa_kernel([backend]) if backend else contextlib.nullcontext():",
+        "            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])",
+        "    return run",
+        "",
+    ]
+    imports = ["import contextlib", "import torch.nn.functional as F", "from torch.nn.attention import SDPBackend, sdpa_kernel"]
+    for case, impl in after:
+        if not inline_inputs(case) or case.causal == "bottom-right" or case.layout != "bhld":
+            raise ReproError(f"cannot replay {case.id}: only unmasked, bhld, non-bottom-right calls are replayed")
+        found = backend_of(impl)
+        if found is not None:
+            run = f"pinned({'SDPBackend.' + found[0] if found[0] else 'None'}, {found[1]})"
+        elif impl == user:
+            attr = impl.partition(":")[2]
+            run = (f"lambda q, k, v, c, s: user_module.{attr}(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, "
+                   "is_causal=c, scale=s, enable_gqa=q.shape[1] != k.shape[1])")
+        else:
+            raise ReproError(f"cannot replay {impl!r}: only built-in SDPA paths and the failing user kernel are replayed")
+        shape = (case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, case.head_dim, case.value_dim)
+        lines.append(f"replay({shape}, {case.seed}, {TORCH_DTYPE[case.dtype]}, {case.causal == 'top-left'}, "
+                     f"{case.scale!r}, {run})  # {case.id} {impl}")
+    return imports, lines
+
+
 def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
-                  user: str | None = None) -> str:
+                  user: str | None = None, after: list[tuple[Case, str]] | None = None) -> str:
+    """`after`: (case, implementation) calls to replay first, for an order-dependent failure."""
     case = inputs.case
     imports, call = _call(case, impl, user)
+    replay_imports, replay = _replay(after or [], user)
+    imports = [*imports, *(i for i in replay_imports if i not in imports)]
     pinned = backend_of(impl)
     rules = {lv: (tol.rule(case.dtype, lv).factor, tol.rule(case.dtype, lv).min_count) for lv in ("tensor", "slice", "row")}
     draw = "torch.rand" if case.values == "uniform" else "torch.randn"
@@ -135,6 +180,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "",
         *(["torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)  # as the harness pins it"]
           if pinned and pinned[0] == "MATH" else []),
+        *replay,
         "leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]",
         *(["# the kernel gets (B, H, L, D) views of (B, L, H, D) storage, as HF models pass them"]
           if case.layout in ("blhd", "v-noncontig", "grad-out-noncontig") else []),

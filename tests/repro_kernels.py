@@ -34,3 +34,18 @@ def late_rows_scaled(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     bump = torch.ones(out.shape[-2], 1, dtype=out.dtype, device=out.device)
     bump[64:] = 1.01
     return out * bump
+
+
+_PLAN: dict[str, int] = {}
+
+
+def reset_stale_plan() -> None:
+    _PLAN.clear()
+
+
+def stale_plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Wrong only after another call: the first call's kv length is cached as a 'plan' and reused, so a
+    later call with more keys ignores the extra ones. Right alone in a fresh process (order-dependent)."""
+    n = min(_PLAN.setdefault("kv_len", key.shape[-2]), key.shape[-2])
+    mask = None if attn_mask is None else attn_mask[..., :n]
+    return correct(query, key[..., :n, :], value[..., :n, :], mask, dropout_p, is_causal, scale, enable_gqa)

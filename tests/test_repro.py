@@ -122,3 +122,24 @@ def test_plots_are_optional_and_drawn_when_matplotlib_is_there(tmp_path, monkeyp
     paths = plots.draw_failure(verdict, tmp_path, "late rows", {"row": 5.0})
     assert [p.name for p in paths] == ["heads.png", "positions.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_an_order_dependent_failure_is_replayed_before_the_call(tmp_path):
+    from tests import repro_kernels
+
+    stale = load_user_implementation("tests.repro_kernels:stale_plan")
+    target = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=32,d=64")
+    before = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=8,d=64")
+    repro_kernels.reset_stale_plan()
+    with pytest.raises(ReproError, match="does not fail"):  # alone it is right
+        write_repro(target, stale, CPU, tmp_path / "alone")
+    repro_kernels.reset_stale_plan()
+    repro = write_repro(target, stale, CPU, tmp_path, after=[(before, stale),
+                                                             (before, builtin_implementations()["sdpa-math"])])
+    text = repro.script.read_text()
+    assert text.index("replay((1, 4, 2, 16, 8, 64, 64)") < text.index("out = user_module.stale_plan(")
+    assert "Order-dependent: it fails only after" in repro.issue.read_text()
+    assert run_fresh(repro.script).returncode == 1
+    alone = tmp_path / "alone.py"
+    alone.write_text("\n".join(line for line in text.splitlines() if not line.startswith("replay(")))
+    assert run_fresh(alone).returncode == 0
