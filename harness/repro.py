@@ -55,7 +55,7 @@ def _tag(facts: DeviceFacts, impl: str) -> str:
     return "CPU"
 
 
-def _what_ran(impl: str, result: ImplResult) -> str:
+def _what_ran(impl: str, result: ImplResult, gqa: bool = True) -> str:
     found = backend_of(impl)
     if found is None:
         return f"user kernel `{impl}`"
@@ -63,7 +63,7 @@ def _what_ran(impl: str, result: ImplResult) -> str:
     if not backend:
         return f"unpinned SDPA (dispatch chose {result.notes.get('dispatch', 'unknown')})"
     kv = "K/V expanded by hand (`repeat_interleave`, HF's repeat_kv), then " if expanded else ""
-    return f"{kv}{backend} pinned with `torch.nn.attention.sdpa_kernel`" + ("" if expanded else ", `enable_gqa=True`")
+    return f"{kv}{backend} pinned with `torch.nn.attention.sdpa_kernel`" + (", `enable_gqa=True`" if gqa and not expanded else "")
 
 
 def _shape(case: Case) -> str:
@@ -80,6 +80,11 @@ def _ratio(result: ImplResult, tensor: str, level: str | None = None) -> tuple[f
         return None, result.error or (v.reason if v else "")
     level = level or (v.rule if v.rule in ("tensor", "slice", "row") else "tensor")
     return v.metrics.summary(level)["ratio"], level
+
+
+def _level(result: ImplResult, tensor: str) -> str:
+    level = _ratio(result, tensor)[1]
+    return level if level in ("tensor", "slice", "row") else "tensor"
 
 
 def _per_head(result: ImplResult, tensor: str, limit: int = 24) -> str:
@@ -102,7 +107,8 @@ def _per_head(result: ImplResult, tensor: str, limit: int = 24) -> str:
     return table + more
 
 
-def _controls(refs: References, impl: Implementation, facts: DeviceFacts, tol: Tolerances, tensor: str) -> list[list[str]]:
+def _controls(refs: References, impl: Implementation, facts: DeviceFacts, tol: Tolerances, tensor: str,
+              level: str) -> list[list[str]]:
     """Correct paths on the same inputs: math, and the same backend behind hand-expanded kv."""
     builtins = builtin_implementations()
     names = ["sdpa-math"]
@@ -115,7 +121,7 @@ def _controls(refs: References, impl: Implementation, facts: DeviceFacts, tol: T
         if other is None or name == impl.name or other.available(facts) is not None:
             continue
         res = run_one(refs, other, facts, tol, [], device_label(facts))
-        ratio, level = _ratio(res, tensor, "tensor")
+        ratio, _ = _ratio(res, tensor, level)
         v = res.tensors.get(tensor)
         rows.append([name, "—" if ratio is None else f"{ratio:.3g}", str(v.status) if v else str(res.status)])
     return rows
@@ -154,7 +160,7 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
     v = result.tensors.get(sig.tensor)
     ratio, level = _ratio(result, sig.tensor)
     label = TENSOR_LABEL.get(sig.tensor, sig.tensor)
-    what = _what_ran(impl.name, result)
+    what = _what_ran(impl.name, result, case.q_heads != case.kv_heads)
     factor = tol.rule(case.dtype, level).factor if level in ("tensor", "slice", "row") else None
     subject = what if impl.family == "user" else f"`torch.nn.functional.scaled_dot_product_attention` ({what})"
     describe = [
@@ -179,7 +185,7 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
                  "computes the fp64 reference and the low-precision reference inline, and exits 1 while the bug is present."]
     worst = ""
     if v is not None and v.metrics is not None and v.metrics.worst_index is not None:
-        worst = (f"Worst element: {sig.tensor}{list(v.metrics.worst_index)} = {v.metrics.worst_actual:.6g}, "
+        worst = (f"Largest absolute error: {sig.tensor}{list(v.metrics.worst_index)} = {v.metrics.worst_actual:.6g}, "
                  f"fp64 reference {v.metrics.worst_oracle:.6g}.")
     why = [
         "Two yardsticks are computed from the same quantized inputs: the **dtype floor** (the fp64 result rounded to "
@@ -193,7 +199,7 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
         + (f"This kernel is {ratio:.3g}× at the {level} level." if ratio is not None else ""),
     ]
     if controls:
-        why += ["", "Other paths on the same inputs and device (tensor-level error / scale of " + label + "):", "",
+        why += ["", f"Other paths on the same inputs and device ({label}, worst error / scale at the {level} level):", "",
                 tabulate(controls, headers=["implementation", "error / scale", "verdict"], tablefmt="github")]
     parts = [
         f"Title: {title}", "", "### 🐛 Describe the bug", "", *describe, "", "```python", script.rstrip(), "```", "",
@@ -253,7 +259,8 @@ def write_repro(case: Case, impl: Implementation, facts: DeviceFacts, out_dir: P
     fp = fingerprint(facts)
     body = issue_body(title=title or default_title(facts, impl.name, case, sig, result), case=case, impl=impl,
                       facts=facts, result=result, sig=sig, script=script_text, script_exit=code, output=output,
-                      controls=_controls(refs, impl, facts, tol, sig.tensor) if sig.tensor else [], tol=tol, note=note,
+                      controls=_controls(refs, impl, facts, tol, sig.tensor, _level(result, sig.tensor))
+                      if sig.tensor else [], tol=tol, note=note,
                       shrunk=shrunk, fp=fp, collect_env=_collect_env() if collect_env else "", after=after)
     pictures: list[Path] = []
     if plots and sig.tensor:
