@@ -73,5 +73,6 @@ def pin_worker(config: pytest.Config, env: dict[str, str] | None = None) -> dict
             done[var] = value
     threads = threads_per_worker(_available_cores(), int(env.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     torch.set_num_threads(threads)
+    env["OMP_NUM_THREADS"] = str(threads)  # the spawn-started kernel worker inherits it
     done["threads"] = threads
     return done

@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
-from harness import pinning
+from harness import pinning, plugin
 from harness.pinning import pinned_env, threads_per_worker, worker_index
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,7 @@ def test_pin_worker_in_a_fake_8_gpu_environment_sets_the_device_and_threads(monk
         env = {"PYTEST_XDIST_WORKER": f"gw{n}", "PYTEST_XDIST_WORKER_COUNT": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
         done = pinning.pin_worker(_Config(None), env)
         assert env["CUDA_VISIBLE_DEVICES"] == str(n) and done["CUDA_VISIBLE_DEVICES"] == str(n)
+        assert env["OMP_NUM_THREADS"] == "8"  # what the spawn-started kernel worker inherits
     assert threads == [8] * 8
     cpu_env = {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
     assert "CUDA_VISIBLE_DEVICES" not in pinning.pin_worker(_Config("cpu"), cpu_env) and "CUDA_VISIBLE_DEVICES" not in cpu_env
@@ -143,24 +145,41 @@ def test_gqa_strict_turns_known_into_failures_and_bad_input_is_a_one_line_usage_
 # --- xdist: one merged report, the same verdicts as gqa-harness run --------------------------------
 
 
+def test_items_are_marked_gpu_and_vendor_on_gpus_and_slow_when_tagged_or_large():
+    from harness.case import Case
+    from harness.suites import SuiteCase
+
+    small, large = Case(2, 8, 2, 64, 64, 64), Case(2, 64, 8, 4096, 4096, 128)
+    assert plugin.item_markers(SuiteCase(small), "cpu") == []
+    assert plugin.item_markers(SuiteCase(small), "rocm") == ["gpu", "rocm"]
+    assert plugin.item_markers(SuiteCase(small, tags=("slow",)), "cuda") == ["gpu", "cuda", "slow"]
+    assert plugin.item_markers(SuiteCase(large), "cpu") == ["slow"]
+
+
 def test_pytest_n2_gives_the_same_verdicts_as_gqa_harness_run_and_one_merged_report(tmp_path):
     suite = tmp_path / "small.toml"
-    suite.write_text('[[case]]\nb = 2\nhq = 8\nhkv = [2, 1]\nlq = 40\nlk = 56\nd = 32\ncausal = ["none", "bottom-right"]\n'
+    suite.write_text('[[case]]\nb = 2\nhq = 8\nhkv = [2, 1]\nlq = 40\nlk = 56\nd = 32\ncausal = "bottom-right"\n'
                      '[[case]]\nb = 2\nhq = 4\nhkv = 2\nlq = 24\nd = 32\nmask = "fully-masked-rows"\ndtype = "fp16"\n'
                      '[[case]]\n' + "\n".join(f"{k} = {v}" for k, v in
                                               (x.split("=") for x in KNOWN_CPU.split(","))) + "\n")
     cli = cli_run(tmp_path, "--device", "cpu", "--suite", str(suite), "--quiet", "--out", str(tmp_path / "cli"))
     assert cli.returncode == 0, cli.stderr
-    xdist = pytest_run(tmp_path, "--gqa-suite", str(suite), "--gqa-device", "cpu", "--gqa-out", str(tmp_path / "xdist"),
-                       "-n", "2", "-q")
+    # Without a GPU the default device is the CPU and the workers still pin: give them a fake 2-GPU list.
+    gpu = torch.cuda.is_available()
+    device = ["--gqa-device", "cpu"] if gpu else []
+    xdist = pytest_run(tmp_path, "--gqa-suite", str(suite), *device, "--gqa-out", str(tmp_path / "xdist"), "-n", "2", "-q",
+                       env={} if gpu else {"CUDA_VISIBLE_DEVICES": "3,5"})
     assert xdist.returncode == 0, xdist.stdout + xdist.stderr
     a = json.loads((tmp_path / "cli" / "cpu-x86_64.json").read_text())
     b = json.loads((tmp_path / "xdist" / "cpu-x86_64.json").read_text())
-    assert statuses(a) == statuses(b) and len(statuses(a)) == 6 * 5 + 2
+    assert statuses(a) == statuses(b) and len(statuses(a)) == 4 * 5 + 2
     assert "KNOWN" in {s for s, _ in statuses(b).values()}
     assert set(a) == set(b) and a["cases"].keys() == b["cases"].keys()
     assert all(a["cases"][c]["input_sha256"] == b["cases"][c]["input_sha256"] for c in a["cases"])
     assert sorted(b["settings"]["pytest_workers"]) == ["gw0", "gw1"]
+    if not gpu:  # the real xdist workers pinned themselves in pytest_configure: gwN to the N-th listed GPU
+        assert {w: p["pinned"]["CUDA_VISIBLE_DEVICES"] for w, p in b["settings"]["pytest_workers"].items()} == \
+            {"gw0": "3", "gw1": "5"}
     assert {w["pinned"]["threads"] for w in b["settings"]["pytest_workers"].values()} == {max(1, len(os.sched_getaffinity(0)) // 2)}
     md = (tmp_path / "xdist" / "cpu-x86_64.md").read_text()
     assert md.startswith("# gqa-harness report") and "## Canary: failed as expected" in md
@@ -168,7 +187,7 @@ def test_pytest_n2_gives_the_same_verdicts_as_gqa_harness_run_and_one_merged_rep
     parts = list((tmp_path / "xdist" / ".parts").glob("*.jsonl"))
     case_records = [json.loads(line)["case_id"] for p in parts for line in p.read_text().splitlines()
                     if json.loads(line)["type"] == "case"]
-    assert len(case_records) == len(set(case_records)) == 6 + 2
+    assert len(case_records) == len(set(case_records)) == 4 + 2
 
 
 @pytest.mark.slow
