@@ -68,6 +68,8 @@ class Tally:
 
     peaks: dict[tuple[str, str, str], Peak] = field(default_factory=dict)
     by_source: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    # (value distribution, kernel|design, level) -> largest ratio: ill-conditioned classes apart
+    by_class: dict[tuple[str, str, str], float] = field(default_factory=lambda: defaultdict(float))
     alarms: list[dict[str, Any]] = field(default_factory=list)
     known: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     runs: int = 0
@@ -92,6 +94,8 @@ class Tally:
             if key not in self.peaks or ratio > self.peaks[key].ratio:
                 self.peaks[key] = Peak(ratio, case.id, source)
             self.by_source[(source, level)] = max(self.by_source[(source, level)], ratio)
+            kind = (case.values, "design" if source.startswith("lowprec:") else "kernel", level)
+            self.by_class[kind] = max(self.by_class[kind], ratio)
 
     def error(self, case: Case, source: str, message: str) -> None:
         self.alarms.append({"case_id": case.id, "source": source, "tensor": "", "status": "ERROR", "reason": message})
@@ -160,6 +164,8 @@ def audit_report(tally: Tally, tol: Tolerances, settings: dict[str, Any]) -> dic
         "false_alarm_candidates": len(tally.alarms), "alarms": tally.alarms, "known": dict(tally.known),
         "min_margin": min((r["margin"] for r in rows), default=None), "peaks": rows,
         "by_source": [{"source": s, "level": lv, "max_ratio": r} for (s, lv), r in sorted(tally.by_source.items())],
+        "by_class": [{"values": v, "kind": k, "level": lv, "max_ratio": r}
+                     for (v, k, lv), r in sorted(tally.by_class.items())],
     })
 
 
@@ -180,6 +186,11 @@ def render_audit(report: dict[str, Any]) -> str:
         by_source[r["source"]][r["level"]] = r["max_ratio"]
     lines += ["", tabulate([[src, *(f"{v.get(lv, 0):.2f}" for lv in LEVELS)] for src, v in sorted(by_source.items())],
                            headers=["source", *(f"max {lv}" for lv in LEVELS)], tablefmt="github"), ""]
+    by_class: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for r in report.get("by_class", []):
+        by_class[(r["values"], r["kind"])][r["level"]] = r["max_ratio"]
+    lines += [tabulate([[v, k, *(f"{x.get(lv, 0):.2f}" for lv in LEVELS)] for (v, k), x in sorted(by_class.items())],
+                       headers=["values", "kernels / designs", *(f"max {lv}" for lv in LEVELS)], tablefmt="github"), ""]
     if report["known"]:
         lines += ["Absorbed by known-failure entries (real CPU backend findings, not counted above): "
                   + ", ".join(f"{k} x{v}" for k, v in sorted(report["known"].items())), ""]

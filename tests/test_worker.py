@@ -143,3 +143,12 @@ def test_repeat_in_a_run_records_determinism_beside_the_verdict():
     assert result.status is Status.PASS
     assert set(result.notes["determinism"]) == {"out", "dq", "dk", "dv"}
     assert all(d["deterministic"] for d in result.notes["determinism"].values())
+
+
+def test_repeat_flag_puts_a_determinism_section_in_the_report(tmp_path):
+    from harness.cli import main
+
+    assert main(["run", "--device", "cpu", "--quiet", "--in-process", "--no-canary", "--case", "b=1,hq=2,hkv=1,lq=16,d=32",
+                 "--impl", "sdpa-math", "--repeat", "2", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "cpu-x86_64.md").read_text()
+    assert "## Determinism (--repeat)" in md and "bitwise identical" in md
