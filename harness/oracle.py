@@ -19,6 +19,7 @@ and gradient 0. Rows filled with finite finfo.min / -65504 are ordinary rows.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,23 @@ def _visible_keys(case: Case, r0: int, r1: int) -> tuple[int, int]:
     return min(lk, max(0, r0 + offset + 1)), min(lk, max(1, r1 + offset))
 
 
+def _parallel(units: list, fn) -> None:
+    """Run fn over units on torch's thread count, each op single-threaded: blocks are small, and
+    an OpenMP fork/join per small op costs more than it gains (far more on a shared, loaded machine)."""
+    workers = min(torch.get_num_threads(), len(units))
+    if workers <= 1:
+        for unit in units:
+            fn(unit)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fn, units))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype) -> torch.Tensor:
     """(B, Hq, L, D) -> contiguous (B, Hkv, L, G, D) in `compute`: a block's rows of all the group's
     query heads are then one contiguous (rows x G, D) matrix, a GEMM operand without a copy."""
@@ -156,14 +174,16 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     # is folded into the small row-sized operands (O, dQ rows, the Q and dO rows of dK and dV).
     normalise = policy.dtype is not None and (policy.p_before_dv or policy.ds_before_gemm)
 
-    for bi in range(b):
-        for h0 in range(0, hkv, nh):
-            h1 = min(hkv, h0 + nh)
-            for r0 in range(0, lq, chunk):
-                r1 = min(lq, r0 + chunk)
-                c0, c1 = _visible_keys(case, r0, r1)
-                _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask,
-                       out, lse, dq, dk_acc if grads else None, dv_acc if grads else None)
+    def heads(unit: tuple[int, int, int]) -> None:
+        bi, h0, h1 = unit
+        for r0 in range(0, lq, chunk):
+            r1 = min(lq, r0 + chunk)
+            c0, c1 = _visible_keys(case, r0, r1)
+            _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask,
+                   out, lse, dq, dk_acc if grads else None, dv_acc if grads else None)
+
+    # each unit writes only its own heads' slices, in a fixed order: results do not depend on threads
+    _parallel([(bi, h0, min(hkv, h0 + nh)) for bi in range(b) for h0 in range(0, hkv, nh)], heads)
 
     fin = policy.round
     output = fin(_heads_major(out))
