@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend
 
 from harness.case import Case
 from harness.implementations import Implementation, builtin_implementations, resolve
-from harness.implementations.compiled import EagerFallback, compiled_forward, run_compiled
+from harness.implementations.compiled import EagerFallback, compiled_forward, kernel_refusal, run_compiled
 from harness.runner import ImplResult, run_one
 from harness.verdict import Status
 
@@ -66,6 +66,22 @@ def test_pinning_holds_under_compile(backend, flash_op_expected):
     run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
     assert ops, "no forward graph reached the compiler"
     assert any("_scaled_dot_product_flash_attention_for_cpu" in op for op in ops) == flash_op_expected
+
+
+def test_a_backend_refusing_the_case_under_compile_is_unsupported_with_torchs_reason():
+    # Under compile the refusal surfaces while dynamo traces with fake tensors, wrapped in its own error.
+    impl = Implementation(name="eff", family="t", forward=compiled_forward(SDPBackend.EFFICIENT_ATTENTION, "eager"))
+    result = judge(Case(1, 4, 2, 8, 8, 16), impl)
+    assert result.status is Status.UNSUPPORTED
+    assert "No viable backend for scaled_dot_product_attention" in result.error
+
+
+def test_kernel_refusal_finds_torchs_text_inside_inductor_errors_and_nothing_else():
+    lowering = RuntimeError("LoweringException: NotImplementedError: NYI: embedding dimension of the query, key, "
+                            "and value must be at least 16 but got E=8 and Ev=8\n  target: flex_attention")
+    assert kernel_refusal(lowering) == ("Unsupported under torch.compile: NYI: embedding dimension of the query, "
+                                        "key, and value must be at least 16 but got E=8 and Ev=8")
+    assert kernel_refusal(RuntimeError("CUDA error: an illegal memory access was encountered")) is None
 
 
 def _dropping_the_mask(backend):

@@ -15,6 +15,7 @@ is judged on its own. Three things keep it honest:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,13 +48,36 @@ class GraphCounter:
         return torch._dynamo.lookup_backend(self.compiler)(gm, example_inputs)
 
 
+# torch's own refusals, found in the text of dynamo's or inductor's wrapper (which may not chain them)
+_REFUSAL = re.compile(r"(No available kernel|No viable backend|NYI: )[^'\n]*")
+
+
+def kernel_refusal(exc: BaseException | None) -> str | None:
+    """The case refused by torch's kernel checks, which under compile run while tracing (fake tensors) or
+    lowering and come back wrapped as TorchRuntimeError / InductorError; None for any other error.
+    The text is put where the runner looks for a refusal, so it records UNSUPPORTED, not ERROR."""
+    seen = 0
+    while exc is not None and seen < 8:
+        found = _REFUSAL.search(str(exc))
+        if found:
+            return f"Unsupported under torch.compile: {found.group(0).strip()}"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def run_compiled(fn: Callable[..., torch.Tensor], args: tuple, compiler: str | Callable = DEFAULT_COMPILER,
                  notes: dict[str, str] | None = None) -> torch.Tensor:
     """fn(*args) through torch.compile(fullgraph=True) from a fresh dynamo state; raises if nothing compiled."""
     torch.compiler.reset()
     counter = GraphCounter(compiler)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        out = torch.compile(fn, backend=counter, fullgraph=True)(*args)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = torch.compile(fn, backend=counter, fullgraph=True)(*args)
+    except Exception as exc:
+        refusal = kernel_refusal(exc)
+        if refusal is None:
+            raise
+        raise RuntimeError(refusal) from exc
     if counter.graphs < 1:
         raise EagerFallback(f"torch.compile({compiler}) compiled no graph: the call ran eagerly")
     if notes is not None:
