@@ -2,10 +2,11 @@
 (a fake $GITHUB_STEP_SUMMARY and $GITHUB_OUTPUT, the real gqa-harness), and their
 security rules hold (fork gate on GPU jobs, read-only token, SHA-pinned actions).
 
-Only three kinds of step do not run here, each listed in NOT_RUN_HERE with its reason: the
-install (this environment is already installed; its text is checked against the README),
-this test suite itself, and the steps that need a GPU. A GPU job's other steps (GPU count,
-summary, artifact name, regression gate) run on a CPU report.
+A GPU job's steps run with only GQA_DEVICE (cuda -> cpu) and the suite (a tiny one) changed.
+What does not run here is listed in NOT_RUN_HERE with its reason: the install (this
+environment is installed; its text is checked against the README), this test suite itself,
+GPU-marked tests (they would only skip), and steps whose text is identical to one that runs
+in another job's test (checked).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import COMMANDS
 from tests.workflow_steps import (ACTION, REPO, WORKFLOWS, action_steps, all_steps, jobs, load_yaml, resolve, run_job,
                                   triggers, workflow_files, workflow_steps)
 
@@ -33,7 +33,7 @@ NOT_RUN_HERE = {
     ("cpu.yml", "smoke"): {"install": README},
     ("cuda.yml", "gpu"): {"install": README, "unit": GPU},
     ("rocm.yml", "gpu"): {"install": README, "env": SAME, "gpus": SAME, "run": SAME, "unit": GPU},
-    ("nightly.yml", "cpu"): {"install": README, "env": SAME, "hypothesis": TESTS},
+    ("nightly.yml", "cpu"): {"install": README, "env": SAME, "edge": SAME, "hypothesis": TESTS},
     ("nightly.yml", "cuda"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
                               "hypothesis": GPU},
     ("nightly.yml", "rocm"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
@@ -246,10 +246,6 @@ def _as_device(report: Path, directory: Path, label: str) -> None:
     shutil.copy(report.with_suffix(".md"), directory / f"{label}.md")
 
 
-def _gate_skip() -> set[str]:
-    return set() if "diff" in COMMANDS else {"gate"}
-
-
 def _context(job: str, runner: str) -> dict[str, str]:
     return {"github.job": job, "join(matrix.runner, '-')": runner, "inputs.suite || 'smoke'": "smoke",
             "env.GQA_OUT": "gqa-out", "env.GQA_MATRIX": "gqa-matrix", "env.GQA_REPORTS": "nightly-reports"}
@@ -282,8 +278,7 @@ def test_gpu_workflow_steps_run_on_the_cpu_with_only_the_device_and_suite_change
     skipped = NOT_RUN_HERE[(source, "gpu")]
     if "run" in skipped:
         _place(cpu_report, tmp_path / "gqa-out")
-    run, name, path = _run(source, "gpu", tmp_path, runner, {"GQA_DEVICE": "cpu", "GQA_SUITE": str(tiny_suite)},
-                           _gate_skip())
+    run, name, path = _run(source, "gpu", tmp_path, runner, {"GQA_DEVICE": "cpu", "GQA_SUITE": str(tiny_suite)})
     if "gpus" not in skipped:
         assert run.outputs["gpus"] == {"count": "0"}  # here: pytest -n 0; on a GPU runner, one worker per GPU
         assert json.loads(run.outcomes["env"].stdout)["device_label"] == "cpu-x86_64"
@@ -293,8 +288,6 @@ def test_gpu_workflow_steps_run_on_the_cpu_with_only_the_device_and_suite_change
 
 
 def test_gpu_regression_gate_fails_when_the_baseline_has_a_row_the_new_report_lost(tmp_path, cpu_report):
-    if "diff" not in COMMANDS:
-        pytest.skip("gqa-harness diff is not built yet")
     _place(cpu_report, tmp_path / "gqa-out")
     baseline = json.loads(cpu_report.read_text())
     baseline["results"].append(dict(baseline["results"][0], impl="sdpa-gone"))
@@ -307,7 +300,8 @@ def test_gpu_regression_gate_fails_when_the_baseline_has_a_row_the_new_report_lo
     assert "sdpa-gone" in run.outcomes["gate"].summary  # the gate's table went to the job summary too
 
 
-def test_nightly_cpu_job_runs_both_suites_into_one_artifact(tmp_path, tiny_suite):
+def test_nightly_cpu_job_runs_both_suites_into_one_artifact(tmp_path, tiny_suite, cpu_report):
+    _place(cpu_report, tmp_path / "gqa-out" / "edge")  # the edge step is the models step's command (SAME)
     run, name, path = _run("nightly.yml", "cpu", tmp_path, "", {"GQA_SUITE": str(tiny_suite)})
     assert name == "gqa-nightly-cpu-x86_64-cpu"
     assert (path / "models" / "cpu-x86_64.json").is_file() and (path / "edge" / "cpu-x86_64.json").is_file()
@@ -323,8 +317,6 @@ def test_nightly_gpu_jobs_post_run_steps_work_on_cpu_reports(tmp_path, cpu_repor
 
 
 def test_nightly_compare_job_builds_the_matrix_from_every_downloaded_artifact(tmp_path, cpu_report):
-    if "compare" not in COMMANDS:
-        pytest.skip("gqa-harness compare is not built yet")
     # What download-artifact leaves: one folder per artifact, named by the device jobs' summaries.
     for suite in ("models", "edge"):
         _place(cpu_report, tmp_path / "nightly-reports" / "gqa-nightly-cpu-x86_64-cpu" / suite)
@@ -357,14 +349,13 @@ def _action(tmp_path: Path, suite: Path, impls: str, baseline: str, skip: set[st
     inputs = {"suite": str(suite), "implementations": impls, "device": "cpu", "dtype": "", "strict": "false",
               "baseline": baseline, "out": "gqa-report", "artifact-suffix": "kernels", "install": "true"}
     context = {f"inputs.{k}": v for k, v in inputs.items()}
-    base_env = {**__import__("os").environ, "GITHUB_ACTION_PATH": str(REPO)}
     return run_job(action_steps(), context, {}, set(NOT_RUN_HERE[("action.yml", "action")]) | skip, tmp_path,
-                   tmp_path / ".steps", base_env)
+                   tmp_path / ".steps")
 
 
 def test_action_runs_a_user_kernel_by_module_function_and_gates_against_a_baseline(tmp_path, tiny_suite, cpu_report):
     _place_baseline(cpu_report, tmp_path / "baselines")
-    run = _action(tmp_path, tiny_suite, "sdpa-math\nusermod:sdpa\n", "baselines/cpu-x86_64.json", _gate_skip())
+    run = _action(tmp_path, tiny_suite, "sdpa-math\nusermod:sdpa\n", "baselines/cpu-x86_64.json", set())
     assert {k: o.returncode for k, o in run.outcomes.items()} == {k: 0 for k in run.outcomes}, \
         {k: o.stderr[-2000:] for k, o in run.outcomes.items()}
     assert run.outputs["run"] == {"exit-code": "0"}

@@ -147,7 +147,10 @@ def run_job(steps: list[Step], context: dict[str, str], overrides: dict[str, str
     """Every `run:` step not in `skip`, in order, as a runner would (step `if:`s are not
     evaluated: all run). `overrides` replace env values after resolution (e.g. a tiny suite)."""
     job = JobRun()
-    base = dict(os.environ if base_env is None else base_env)
+    # A runner has none of this test process's pytest/xdist variables (PYTEST_XDIST_WORKER would
+    # make the plugin in a step think it is an xdist worker) nor another job's GITHUB_* files.
+    base = {k: v for k, v in (os.environ if base_env is None else base_env).items()
+            if not k.startswith(("PYTEST_", "GITHUB_"))}
     for step in steps:
         if step.run is None or step.id in skip:
             continue
