@@ -109,7 +109,8 @@ def measure_noise(report: dict[str, Any], source: str = "") -> NoiseBands:
         bands[level] = max(values)
         summary[level] = {"passing_groups": len(values), "median": statistics.median(values), "max": max(values)}
     own = {key: {lv: sp for lv, sp in per.items() if sp > bands[lv]} for key, per in spreads.items()}
-    seeds = sorted({(c.get("case") or {}).get("seed") for c in report["cases"].values()} - {None})
+    judged = {key[0] for key in report_rows(report)}  # canary cases left out
+    seeds = sorted({(c.get("case") or {}).get("seed") for cid, c in report["cases"].items() if cid in judged} - {None})
     fp, settings = report["fingerprint"], report.get("settings") or {}
     return NoiseBands(
         bands=bands, own={k: v for k, v in own.items() if v}, spreads=summary,
