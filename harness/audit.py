@@ -1,8 +1,8 @@
 """False-alarm audit: known-good implementations over many seeds; the largest error/scale vs the factor.
 
 A harness that cries wolf is as useless as one that crashes. The audit runs what is
-believed correct over the audit corpus (cases/audit.toml by default) with seeds distinct
-from those the factors were chosen on, and reports, per dtype x tensor x level, the largest
+believed correct over a corpus suite (smoke by default; cases/audit.toml is small and heavy
+in ill-conditioned inputs) with seeds distinct from those the factors were chosen on, and reports, per dtype x tensor x level, the largest
 ratio seen against the factor in force: the margin. Math scores exactly the floor and
 proves nothing, so it is not here. What is:
   * real fused kernels believed correct: on the CPU flash behind hand-expanded kv at every

@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="false-alarm audit: known-good kernels over many seeds, margin per level")
     audit.add_argument("--device", default=None)
-    audit.add_argument("--suite", default="audit", help="cases/NAME.toml (default: audit)")
-    audit.add_argument("--seeds", type=int, default=50, help="seeds per case (default 50)")
+    audit.add_argument("--suite", default="smoke", help="cases/NAME.toml (default: smoke; cases/audit.toml is a "
+                       "small corpus heavy in ill-conditioned inputs)")
+    audit.add_argument("--seeds", type=int, default=19, help="seeds per case (default 19: ~1,000 runs of smoke)")
     audit.add_argument("--first-seed", type=int, default=10_000, help="seeds are FIRST.. (distinct from calibration's)")
     audit.add_argument("--impl", action="append", default=[], help="built-in to audit instead of the known-good set")
     audit.add_argument("--out", default="gqa-report", help="writes audit-<device>.json/.md here")
