@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,8 @@ def run_job(steps: list[Step], context: dict[str, str], overrides: dict[str, str
     # make the plugin in a step think it is an xdist worker) nor another job's GITHUB_* files.
     base = {k: v for k, v in (os.environ if base_env is None else base_env).items()
             if not k.startswith(("PYTEST_", "GITHUB_"))}
+    # `python` and `gqa-harness` in the steps are this interpreter's, as setup-python would make them.
+    base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
     for step in steps:
         if step.run is None or step.id in skip:
             continue
