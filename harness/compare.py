@@ -27,6 +27,9 @@ from .report import SCHEMA_VERSION
 TENSOR_NAMES = ("out", "dq", "dk", "dv")
 FAILS = ("FAIL", "ERROR", "KNOWN")  # the kernel is wrong there (KNOWN: wrong, and on file)
 PASSES = ("PASS", "FIXED")
+# Passing everywhere, but error / scale this many times larger on one device: worth a look (a correct
+# kernel's ratio is about 1; twice the noise band across seeds, which is x1.14 at the tensor level).
+APART = 1.5
 
 
 class ReportError(ValueError):
@@ -141,7 +144,7 @@ def _columns(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
 class Row:
     key: RowKey
     cells: dict[str, Cell]  # column -> cell (absent: not run on that device)
-    group: str  # disagree | fails | passes | other
+    group: str  # disagree | fails | apart | passes | other
     note: str
 
 
@@ -170,6 +173,10 @@ def _classify(cells: dict[str, Cell]) -> tuple[str, str]:
     if by["fails"]:
         return "fails", f"fails on {', '.join(by['fails'])}"
     if by["passes"]:
+        ratios = {c: cell.ratio for c, cell in cells.items() if cell.outcome == "passes" and cell.ratio}
+        if len(ratios) > 1 and max(ratios.values()) >= APART * min(ratios.values()):
+            hi, lo = max(ratios, key=ratios.get), min(ratios, key=ratios.get)
+            return "apart", f"{ratios[hi]:.3g}× on {hi} vs {ratios[lo]:.3g}× on {lo}"
         return "passes", ""
     return "other", ", ".join(sorted({c.status for c in cells.values()}))
 
@@ -220,7 +227,7 @@ def build_matrix(paths: list[str | Path]) -> Matrix:
             cells[key][column] = cell
         if twice:
             refused.append(f"{path}: {twice} row(s) already given for {column} by an earlier report; the first kept")
-    order = {"disagree": 0, "fails": 1, "other": 2, "passes": 3}
+    order = {"disagree": 0, "fails": 1, "apart": 2, "other": 3, "passes": 4}
     rows = [Row(key, c, *_classify(c)) for key, c in cells.items()]
     worst = lambda r: max((c.ratio or 0.0) for c in r.cells.values())  # noqa: E731
     rows.sort(key=lambda r: (order[r.group], -worst(r), r.key))
@@ -258,6 +265,7 @@ def render_matrix(m: Matrix) -> str:
     if m.refused:
         lines += ["## Refused", "", *(f"- {r}" for r in m.refused), ""]
     sections = [("disagree", "Devices disagree", True), ("fails", "Fail on every device that judged them", True),
+                ("apart", f"Pass everywhere, but error / scale differs {APART:g}× or more between devices", True),
                 ("other", "Not judged anywhere (unsupported, out of range)", True),
                 ("passes", "Pass on every device that judged them", False)]
     for group, title, note in sections:

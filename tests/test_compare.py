@@ -104,3 +104,13 @@ def test_reports_of_one_device_share_a_column(tmp_path):
     assert [d.column for d in m.devices] == ["cpu-x86_64"]
     assert {r.key[0] for r in m.rows} == {c.id for c in CASES}
     assert any("already given for cpu-x86_64" in line for line in m.refused)
+
+
+def test_rows_that_pass_everywhere_but_far_apart_are_shown(tmp_path):
+    a, b = make_report("cpu", {"sdpa-flash": "correct"}), make_report("h100", {"sdpa-flash": "correct"})
+    for r in a["results"]:
+        r["tensors"]["dk"]["metrics"]["levels"]["tensor"]["ratio"] *= 1.8  # status stays PASS: the cell only reads the ratio
+    m = build_matrix([_save(tmp_path, "a", a), _save(tmp_path, "b", b)])
+    apart = [r for r in m.rows if r.group == "apart"]
+    assert apart and {r.key[2] for r in apart} == {"dk"} and "on cpu-x86_64 vs" in apart[0].note
+    assert "differs 1.5× or more" in render_matrix(m)
