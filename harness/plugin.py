@@ -93,7 +93,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         shutil.rmtree(out / PARTS, ignore_errors=True)  # the controller starts each run clean
     config.stash[_STATE] = RunState(out=out, pinned=pinned, strict=config.getoption("gqa_strict"),
-                                    isolate=not config.getoption("gqa_in_process"))
+                                    isolate=not config.getoption("gqa_in_process"),
+                                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -112,7 +113,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state.close()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return  # the controller merges
-    state.merged = merge_parts(state.out, _settings(config))
+    state.merged = merge_parts(state.out, {"started": state.started, **_settings(config)})
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -135,6 +136,7 @@ class RunState:
     pinned: dict[str, Any]
     strict: bool = False
     isolate: bool = True  # kernels in a spawn-started worker (worker.py), as `gqa-harness run` does
+    started: str = ""
     facts: Any = None
     label: str = ""
     impls: list = field(default_factory=list)

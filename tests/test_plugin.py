@@ -106,7 +106,7 @@ def test_pinning_after_cuda_was_initialised_is_refused(monkeypatch):
 def test_items_carry_case_ids_fail_with_the_report_evidence_xfail_known_and_write_junit_properties(tmp_path):
     args = ["--gqa-case", TINY, "--gqa-case", KNOWN_CPU, "--gqa-device", "cpu", "--gqa-out", str(tmp_path / "out"),
             "--gqa-impl", "sdpa-flash", "--gqa-impl", "tests.wrong_kernels:tiled_kv_heads",
-            "-o", "junit_family=xunit1", "--junitxml", str(tmp_path / "junit.xml"), "-rA"]
+            "--gqa-in-process", "-o", "junit_family=xunit1", "--junitxml", str(tmp_path / "junit.xml"), "-rA"]
     proc = pytest_run(tmp_path, *args)
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
@@ -136,7 +136,7 @@ def test_items_carry_case_ids_fail_with_the_report_evidence_xfail_known_and_writ
 
 def test_gqa_strict_turns_known_into_failures_and_bad_input_is_a_one_line_usage_error(tmp_path):
     strict = pytest_run(tmp_path, "--gqa-case", KNOWN_CPU, "--gqa-device", "cpu", "--gqa-impl", "sdpa-flash",
-                        "--gqa-strict", "--gqa-out", str(tmp_path / "out"), "-q", "-k", "not canary")
+                        "--gqa-strict", "--gqa-in-process", "--gqa-out", str(tmp_path / "out"), "-q", "-k", "not canary")
     assert strict.returncode == 1 and "KNOWN" in strict.stdout and "1 failed" in strict.stdout, strict.stdout
     bad = pytest_run(tmp_path, "--gqa-suite", "nosuch", "--gqa-device", "cpu", "-q")
     assert bad.returncode == 4 and "gqa-harness: unknown suite 'nosuch' (available:" in bad.stderr, bad.stderr

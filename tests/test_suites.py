@@ -199,7 +199,8 @@ def test_run_max_tokens_caps_the_cases_it_runs(tmp_path):
     suite = tmp_path / "long.toml"
     suite.write_text('[[case]]\nb = 1\nhq = 4\nhkv = 2\nlq = 1\nlk = 4096\nd = 16\n')
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--device", "cpu", "--suite", str(suite),
-                           "--max-tokens", "48", "--impl", "sdpa-math", "--no-canary", "--quiet", "--out", str(tmp_path)],
+                           "--max-tokens", "48", "--impl", "sdpa-math", "--no-canary", "--quiet", "--in-process",
+                           "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "cpu-x86_64.json").read_text())
