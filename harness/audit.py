@@ -67,6 +67,8 @@ class Tally:
     """Largest ratio per (dtype, tensor, level), per source, and every alarm."""
 
     peaks: dict[tuple[str, str, str], Peak] = field(default_factory=dict)
+    # the same, kernels and designs apart: (kernel|design, dtype, tensor, level)
+    peaks_by_kind: dict[tuple[str, str, str, str], Peak] = field(default_factory=dict)
     by_source: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     # (value distribution, kernel|design, level) -> largest ratio: ill-conditioned classes apart
     by_class: dict[tuple[str, str, str], float] = field(default_factory=lambda: defaultdict(float))
@@ -94,8 +96,11 @@ class Tally:
             if key not in self.peaks or ratio > self.peaks[key].ratio:
                 self.peaks[key] = Peak(ratio, case.id, source)
             self.by_source[(source, level)] = max(self.by_source[(source, level)], ratio)
-            kind = (case.values, "design" if source.startswith("lowprec:") else "kernel", level)
-            self.by_class[kind] = max(self.by_class[kind], ratio)
+            kind = "design" if source.startswith("lowprec:") else "kernel"
+            self.by_class[(case.values, kind, level)] = max(self.by_class[(case.values, kind, level)], ratio)
+            split = (kind, *key)
+            if split not in self.peaks_by_kind or ratio > self.peaks_by_kind[split].ratio:
+                self.peaks_by_kind[split] = Peak(ratio, case.id, source)
 
     def error(self, case: Case, source: str, message: str) -> None:
         self.alarms.append({"case_id": case.id, "source": source, "tensor": "", "status": "ERROR", "reason": message})
@@ -145,9 +150,11 @@ def run_audit(cases: list[Case], facts: DeviceFacts, tol: Tolerances, known: lis
     return tally
 
 
-def summary(tally: Tally, tol: Tolerances) -> list[dict[str, Any]]:
+def summary(tally: Tally, tol: Tolerances, kind: str | None = None) -> list[dict[str, Any]]:
+    """Peaks with their margins; `kind` ("kernel" or "design") keeps only that kind's."""
+    peaks = tally.peaks if kind is None else {k[1:]: p for k, p in tally.peaks_by_kind.items() if k[0] == kind}
     rows = []
-    for (dtype, tensor, level), peak in sorted(tally.peaks.items()):
+    for (dtype, tensor, level), peak in sorted(peaks.items()):
         factor = tol.rule(dtype, level).factor
         rows.append({"dtype": dtype, "tensor": tensor, "level": level, "factor": factor, "max_ratio": peak.ratio,
                      "margin": factor / peak.ratio if peak.ratio > 0 else math.inf, "case_id": peak.case_id,
@@ -163,6 +170,7 @@ def audit_report(tally: Tally, tol: Tolerances, settings: dict[str, Any]) -> dic
         "settings": settings, "runs": tally.runs, "judged_tensors": tally.judged,
         "false_alarm_candidates": len(tally.alarms), "alarms": tally.alarms, "known": dict(tally.known),
         "min_margin": min((r["margin"] for r in rows), default=None), "peaks": rows,
+        "peaks_kernels": summary(tally, tol, "kernel"), "peaks_designs": summary(tally, tol, "design"),
         "by_source": [{"source": s, "level": lv, "max_ratio": r} for (s, lv), r in sorted(tally.by_source.items())],
         "by_class": [{"values": v, "kind": k, "level": lv, "max_ratio": r}
                      for (v, k, lv), r in sorted(tally.by_class.items())],

@@ -64,3 +64,14 @@ def test_audit_command_writes_its_report(tmp_path, capsys):
     assert code == (1 if report["alarms"] else 0)
     assert "smallest margin" in capsys.readouterr().out
     assert main(["audit", "--seeds", "0"]) == 2
+
+
+def test_kernels_and_designs_have_their_own_margins():
+    tally = run_audit(audit_cases([MHA], seeds=1), CPU, tolerances(), [], "cpu-test")
+    both, kernels, designs_only = (summary(tally, tolerances(), k) for k in (None, "kernel", "design"))
+    for row in both:
+        parts = [r["max_ratio"] for r in kernels + designs_only
+                 if (r["dtype"], r["tensor"], r["level"]) == (row["dtype"], row["tensor"], row["level"])]
+        assert row["max_ratio"] == max(parts)
+    assert {r["source"] for r in kernels} <= {"expanded-kv-flash", "sdpa-flash"}
+    assert all(r["source"].startswith("lowprec:") for r in designs_only)
