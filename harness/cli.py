@@ -234,6 +234,7 @@ def _reliability_options(plan, args) -> None:
     plan.isolate, plan.timeout, plan.repeat, plan.shuffle = not args.in_process, args.timeout, args.repeat, args.shuffle
 
 
+    plan.log_dir = Path(args.out) / "worker-logs"  # each worker's stdout/stderr, beside the report
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
