@@ -89,6 +89,7 @@ def _add_calibrate_bench_parsers(sub) -> None:
     cal.add_argument("--no-grid", action="store_true", help="leave out the axis grid (group size, length, head dim, B*H)")
     cal.add_argument("--out", default="reports/calibration", help="writes <device>.json/.md here")
     cal.add_argument("--quiet", action="store_true")
+    cal.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: many small cases)")
 
     bench = sub.add_parser("bench", help="oracle throughput vs fp64 GEMM, oracle peak memory, suite wall time")
     bench.add_argument("--device", default=None, help="device for the suite timing (the oracle is always CPU)")
@@ -97,6 +98,7 @@ def _add_calibrate_bench_parsers(sub) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     bench.add_argument("--memory-lengths", default="1024,2048,4096,8192,16384", help="kv lengths for peak memory")
     bench.add_argument("--suite", default="smoke", help="suite to time ('none' to skip)")
+    bench.add_argument("--gemm-sizes", default="512,1024,2048", help="square fp64 GEMM sizes; the best rate is the yardstick")
     bench.add_argument("--out", default=None, help="also write bench.json/.md here")
     bench.add_argument("--quiet", action="store_true")
 
@@ -232,9 +234,9 @@ def _reliability_options(plan, args) -> None:
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds")
     plan.isolate, plan.timeout, plan.repeat, plan.shuffle = not args.in_process, args.timeout, args.repeat, args.shuffle
-
-
     plan.log_dir = Path(args.out) / "worker-logs"  # each worker's stdout/stderr, beside the report
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
@@ -251,10 +253,17 @@ def cmd_audit(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_command
 
-    if args.seeds < 1 or args.first_seed < 0:
-        raise UsageError("--seeds must be at least 1 and --first-seed non-negative")
+    if args.seeds < 1 or args.first_seed < 0 or args.threads < 1:
+        raise UsageError("--seeds and --threads must be at least 1 and --first-seed non-negative")
+    torch_threads(args.threads)
     return calibrate_command(args.device, args.suite if args.suite is not None else ["smoke"], args.seeds,
                              args.first_seed, not args.no_grid, Path(args.out), args.quiet)
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def cmd_bench(args) -> int:
@@ -262,12 +271,13 @@ def cmd_bench(args) -> int:
 
     try:
         lengths = tuple(int(x) for x in args.memory_lengths.split(",") if x.strip())
+        sizes = tuple(int(x) for x in args.gemm_sizes.split(",") if x.strip())
     except ValueError:
-        raise UsageError(f"--memory-lengths {args.memory_lengths!r} is not a comma list of integers") from None
-    if args.length < 1 or args.repeats < 1 or any(n < 1 for n in lengths):
-        raise UsageError("--length, --repeats and --memory-lengths must be positive")
+        raise UsageError("--memory-lengths and --gemm-sizes take comma lists of integers") from None
+    if args.length < 1 or args.repeats < 1 or not sizes or any(n < 1 for n in (*lengths, *sizes)):
+        raise UsageError("--length, --repeats, --memory-lengths and --gemm-sizes must be positive")
     cfg = BenchConfig(length=args.length, repeats=args.repeats, memory_lengths=lengths,
-                      suite=None if args.suite == "none" else args.suite, device=args.device)
+                      suite=None if args.suite == "none" else args.suite, device=args.device, gemm_sizes=sizes)
     return bench_command(cfg, args.json, Path(args.out) if args.out else None, args.quiet)
 
 

@@ -1,0 +1,49 @@
+"""Bench: the JSON shape (not the timings), what the figures count, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+from harness.bench import MODEL_SHAPES, SCHEMA, memory_case, model_case
+from harness.cli import main
+
+
+def test_model_shapes_cover_head_dims_64_128_256_and_count_causal_flops_halved():
+    assert sorted(MODEL_SHAPES) == [64, 128, 256]
+    case = model_case(128, 256)
+    assert case.causal == "top-left" and case.head_dim == 128
+    assert case.flops() == 12 * case.batch * case.q_heads * 256 * 256 * 128 / 2
+
+
+def test_memory_cases_keep_the_query_rows_and_grow_the_keys():
+    small, large = memory_case(1024, 256), memory_case(16384, 256)
+    assert small.q_len == large.q_len == 256 and large.kv_len == 16384 and large.q_heads == 32
+
+
+def test_bench_json_has_the_figures_and_one_ratio_per_head_dim(tmp_path, capsys):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text("[[case]]\nb = 1\nhq = 2\nhkv = 1\nlq = 16\nd = 16\ndtype = 'bf16'\n")
+    code = main(["bench", "--json", "--length", "32", "--repeats", "1", "--memory-lengths", "64",
+                 "--gemm-sizes", "64,128", "--suite", str(suite), "--quiet", "--out", str(tmp_path / "b")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads(out.out)  # stdout is exactly one JSON object
+    assert report["schema"] == SCHEMA
+    for key in ("oracle_gflops", "gemm_gflops", "ratio", "peak_bytes"):
+        assert isinstance(report[key], (int, float)) and report[key] > 0, key
+    assert set(report["ratios"]) == {"64", "128", "256"} and report["ratio"] == report["ratios"]["128"]
+    assert report["gemm_gflops"] == max([*report["gemm"]["sizes"].values(), *report["gemm"]["sizes_after"].values()])
+    row = report["throughput"][0]
+    assert {"case_id", "spec", "head_dim", "model", "flops", "seconds", "gflops", "ratio"} <= set(row)
+    assert [m["kv_len"] for m in report["memory"]] == [64]
+    assert {"peak_bytes", "array_bytes", "workspace_bytes", "seconds"} <= set(report["memory"][0])
+    s = report["suite"]
+    assert {"wall_s", "references_s", "oracle_s", "implementations_s", "overhead_s", "cases", "results"} <= set(s)
+    assert s["cases"] == 1 and s["results"] > 1  # every implementation, plus the canary
+    assert "Oracle throughput" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_bench_rejects_bad_lengths_in_one_line(capsys):
+    assert main(["bench", "--memory-lengths", "1k"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--memory-lengths" in err
