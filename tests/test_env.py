@@ -35,7 +35,8 @@ def test_backend_availability_follows_the_device_kind():
     assert {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "sdpa-default"} <= {i.name for i in chosen}
     assert not any(i.canary for i in chosen)
     chosen, unavailable = resolve([], cpu)
-    assert set(unavailable) == {"sdpa-efficient", "sdpa-cudnn", "expanded-kv-efficient", "expanded-kv-cudnn"}
+    assert {i.name for i in chosen} == {"sdpa-math", "sdpa-flash", "sdpa-default", "expanded-kv-math", "expanded-kv-flash"}
+    assert {"sdpa-efficient", "sdpa-cudnn", "expanded-kv-efficient", "expanded-kv-cudnn"} <= set(unavailable)
 
 
 def test_asking_for_an_unavailable_or_unknown_implementation_is_bad_input():
