@@ -179,7 +179,10 @@ def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFac
         describe += ["", f"Found by gqa-harness and shrunk from `{case_spec(shrunk.start)}` by `gqa-harness shrink` "
                      f"({shrunk.evaluations} evaluations; "
                      + ("locally minimal: every single smaller batch, head count, length or head dim, and dropping the mask "
-                        "or causal, passes or fails differently)." if shrunk.locally_minimal else
+                        "or causal, passes or fails differently"
+                        + (f" or less than {shrunk.min_excess:g}x beyond its factor" if shrunk.min_excess > 1 else "")
+                        + (f", at seeds 0-{shrunk.seeds - 1} too" if shrunk.seeds > 1 else "") + ")."
+                        if shrunk.locally_minimal else
                         "time budget reached: smaller, not proven minimal).")]
     describe += ["", "The script rebuilds the inputs from the seed (checking their SHA-256), runs forward and backward, "
                  "computes the fp64 reference and the low-precision reference inline, and exits 1 while the bug is present."]

@@ -182,6 +182,8 @@ class ShrinkResult:
     seconds: float
     locally_minimal: bool  # False when the time budget ran out first
     trail: list[str] = field(default_factory=list)
+    min_excess: float = 1.0
+    seeds: int = 1
 
     def to_dict(self) -> dict:
         v = self.result.tensors.get(self.signature.tensor)
@@ -191,6 +193,7 @@ class ShrinkResult:
             "tensor": self.signature.tensor, "kind": self.signature.kind, "severity": self.signature.severity,
             "reason": v.reason if v is not None else self.result.error, "evaluations": self.evaluations,
             "seconds": round(self.seconds, 2), "locally_minimal": self.locally_minimal, "trail": self.trail,
+            "min_excess": self.min_excess, "seeds": self.seeds,
         }
 
 
@@ -234,7 +237,7 @@ def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None =
                         continue
                     if clock() - t0 > budget_s:
                         return ShrinkResult(start, current, impl.name, sig, current_result, evaluations,
-                                            clock() - t0, False, trail)
+                                            clock() - t0, False, trail, min_excess, seeds)
                     result = judge(cand)
                     evaluations += 1
                     if same_failure(result, sig, min_excess):
@@ -242,4 +245,5 @@ def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None =
                         current, current_result, accepted, progress = cand, result, True, True
                         break
                     rejected.add(cand)
-    return ShrinkResult(start, current, impl.name, sig, current_result, evaluations, clock() - t0, True, trail)
+    return ShrinkResult(start, current, impl.name, sig, current_result, evaluations, clock() - t0, True, trail,
+                        min_excess, seeds)
