@@ -393,8 +393,8 @@ def cmd_shrink(args) -> int:
     result = _shrunk(args, case, impl, facts)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
-    print(json.dumps(result.to_dict(), indent=1))
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+    print(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
     print(f"next: gqa-harness repro --device {facts.device} --case '{case_spec(result.case)}' --impl {impl.name} "
           f"--tensor {result.signature.tensor or 'out'}", file=sys.stderr)
     return 0
