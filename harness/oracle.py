@@ -133,16 +133,10 @@ def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype)
     return out.copy_(t.view(b, hkv, g, length, dim).transpose(2, 3))
 
 
-def _heads_major(t: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, L, G, ...) -> (B, Hkv * G, L, ...): the inverse of _rows_major."""
-    b, hkv, length, g = t.shape[:4]
-    return t.transpose(2, 3).reshape(b, hkv * g, length, *t.shape[4:])
-
-
 def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None) -> AttentionResult:
     """Blocked attention forward + backward in `compute` precision under a rounding policy."""
     case = inputs.case
-    b, hkv, lq, lk = case.batch, case.kv_heads, case.q_len, case.kv_len
+    b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
     g, d, dv_dim = case.group_size, case.head_dim, case.value_dim
     scale = softmax_scale(case)
     itemsize = torch.finfo(compute).bits // 8
@@ -160,16 +154,17 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
         per_head = mask.shape[1] != 1
         mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk).transpose(2, 3)
 
-    out = torch.empty(b, hkv, lq, g, dv_dim, dtype=compute)
-    lse = torch.empty(b, hkv, lq, g, dtype=compute)
+    # results are written in their final (B, Hkv, G, L, D) order, block by block: no copy at the end
+    out = torch.empty(b, hkv, g, lq, dv_dim, dtype=compute)
+    lse = torch.empty(b, hkv, g, lq, dtype=compute)
     grads = case.grads
-    dq = torch.empty(b, hkv, lq, g, d, dtype=compute) if grads else None
+    dq = torch.empty(b, hkv, g, lq, d, dtype=compute) if grads else None
     if grads and policy.per_head_dkdv:
         dk_acc = torch.zeros(b, hkv, g, lk, d, dtype=compute)
         dv_acc = torch.zeros(b, hkv, g, lk, dv_dim, dtype=compute)
-    elif grads:
-        dk_acc = torch.zeros(b, hkv, lk, d, dtype=compute)
-        dv_acc = torch.zeros(b, hkv, lk, dv_dim, dtype=compute)
+    elif grads:  # transposed, (D, keys): the GEMM then has the wide key dimension as its columns
+        dk_acc = torch.zeros(b, hkv, d, lk, dtype=compute)
+        dv_acc = torch.zeros(b, hkv, dv_dim, lk, dtype=compute)
     # Rounding the normalised P or dS needs P normalised in place (one more pass); otherwise 1/l
     # is folded into the small row-sized operands (O, dQ rows, the Q and dO rows of dK and dV).
     normalise = policy.dtype is not None and (policy.p_before_dv or policy.ds_before_gemm)
@@ -186,14 +181,17 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     _parallel([(bi, h0, min(hkv, h0 + nh)) for bi in range(b) for h0 in range(0, hkv, nh)], heads)
 
     fin = policy.round
-    output = fin(_heads_major(out))
-    lse_out = _heads_major(lse)
+    output = fin(out.view(b, hq, lq, dv_dim))
+    lse_out = lse.view(b, hq, lq)
     if not grads:
         return AttentionResult(output, lse_out, None, None, None)
     if policy.per_head_dkdv:
         dk_acc = fin(dk_acc).sum(2)
         dv_acc = fin(dv_acc).sum(2)
-    return AttentionResult(output, lse_out, fin(_heads_major(dq)), fin(dk_acc), fin(dv_acc))
+    else:
+        dk_acc = dk_acc.transpose(-1, -2).contiguous()
+        dv_acc = dv_acc.transpose(-1, -2).contiguous()
+    return AttentionResult(output, lse_out, fin(dq.view(b, hq, lq, d)), fin(dk_acc), fin(dv_acc))
 
 
 def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask, out, lse, dq, dk_acc, dv_acc):
@@ -223,10 +221,10 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
     p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
     l = p.sum(-1, keepdim=True)
     l_safe = l.masked_fill(dead, 1.0)
-    lse[bi, h0:h1, r0:r1] = (m + torch.log(l)).squeeze(-1)
+    lse[bi, h0:h1, :, r0:r1] = (m + torch.log(l)).squeeze(-1).transpose(1, 2)
     p_pv = policy.round(p, policy.p_before_pv)
     o = torch.matmul(p_pv.view(nh, n * g, c1), vc).view(nh, n, g, dv_dim).div_(l_safe)
-    out[bi, h0:h1, r0:r1] = o
+    out[bi, h0:h1, :, r0:r1] = o.transpose(1, 2)
     if dq is None:
         return
 
@@ -244,15 +242,15 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
     q_dk = qc if inv_l is None else qc * inv_l
     do_dv = doc if inv_l is None else doc * inv_l
     dq_c = torch.matmul(ds_g.view(nh, n * g, c1), ks[bi, h0:h1, :c1]).view(nh, n, g, d)
-    dq[bi, h0:h1, r0:r1] = dq_c if inv_l is None else dq_c.mul_(inv_l)
+    dq[bi, h0:h1, :, r0:r1] = (dq_c if inv_l is None else dq_c.mul_(inv_l)).transpose(1, 2)
     if policy.per_head_dkdv:
         # (nh, g, c1, n) @ (nh, g, n, d): each query head's own dK/dV, summed (rounded) at the end
         dk_acc[bi, h0:h1, :, :c1] += torch.matmul(ds_g.permute(0, 2, 3, 1), q_dk.transpose(1, 2))
         dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
     else:
-        # stacking the group's rows makes this GEMM's accumulation the group sum
-        dk_acc[bi, h0:h1, :c1] += torch.matmul(ds_g.view(nh, n * g, c1).transpose(-1, -2), q_dk.reshape(nh, n * g, d))
-        dv_acc[bi, h0:h1, :c1] += torch.matmul(p_dv.view(nh, n * g, c1).transpose(-1, -2), do_dv.reshape(nh, n * g, dv_dim))
+        # stacking the group's rows makes this GEMM's accumulation the group sum; dK^T = Q^T dS
+        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
+        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None) -> AttentionResult:
