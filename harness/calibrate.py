@@ -127,7 +127,12 @@ def sample_row(case: Case, source: str, kind: str, tensor: str, m: TensorMetrics
     return {"case_id": case.id, "source": source, "kind": kind, "dtype": case.dtype, "tensor": tensor,
             "group_size": case.group_size, "length": case.q_len, "kv_len": case.kv_len, "head_dim": case.head_dim,
             "batch_heads": case.batch * case.q_heads, "causal": case.causal, "axes": list(axes),
-            "ratio": level_ratios(m, case.dtype, tol), "vs_floor": _vs_floor(m)}
+            "ratio": {lv: _r4(x) for lv, x in level_ratios(m, case.dtype, tol).items()}, "vs_floor": _r4(_vs_floor(m))}
+
+
+def _r4(x: float | None) -> float | None:
+    """Samples keep 4 decimals: a ratio's noise is far larger, and the file stays small."""
+    return None if x is None else round(x, 4)
 
 
 def calibrate_case(case: Case, axes: tuple[str, ...], on_grid: bool, facts: DeviceFacts, tol: Tolerances,
@@ -312,6 +317,16 @@ def render_calibration(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dump_calibration(report: dict[str, Any]) -> str:
+    """One sample per line: thousands of samples, readable and diffable without the indent's bulk."""
+    import json
+
+    head = {k: v for k, v in report.items() if k != "samples"}
+    text = json.dumps(head, indent=1, allow_nan=False)[:-2]
+    lines = ",\n".join(json.dumps(row, separators=(",", ":"), allow_nan=False) for row in report["samples"])
+    return text + ',\n "samples": [\n' + lines + "\n ]\n}\n"
+
+
 def report_stem(facts: DeviceFacts, label: str) -> str:
     """File name: `cpu` for any CPU (the fingerprint inside names the model), the device label on a GPU."""
     return "cpu" if facts.kind == "cpu" else label
@@ -349,7 +364,7 @@ def calibrate_command(device: str | None, suites: list[str], seeds: int, first_s
     report = build_calibration(rows, errors, fingerprint(facts), tol, settings)
     stem = report_stem(facts, label)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    (out / f"{stem}.json").write_text(dump_calibration(report))
     (out / f"{stem}.md").write_text(render_calibration(report))
     for m in report["margins"]:
         print(f"{m['dtype']} {m['level']}: factor {m['factor']:g}, design max {_f(m['design_max'])}, "
