@@ -54,6 +54,8 @@ class Cell:
         return "fails" if self.status in FAILS else "passes" if self.status in PASSES else "n/a"
 
     def text(self) -> str:
+        if self.level == "nonfinite":
+            return f"{self.status} NaN/Inf"
         if self.ratio is None:
             return self.status
         where = "" if self.level == "tensor" else f" {self.level}"
@@ -79,6 +81,8 @@ def _cell(result: dict[str, Any], tensor: dict[str, Any] | None) -> Cell:
         return Cell(result["status"], reason=result.get("error", ""))
     levels = ((tensor.get("metrics") or {}).get("levels") or {})
     ratios = {lv: levels[lv]["ratio"] for lv in LEVELS if lv in levels and levels[lv].get("ratio") is not None}
+    if tensor.get("rule") == "nonfinite":  # the finite-element ratio would read as a clean 0x
+        return Cell(tensor["status"], "nonfinite", None, ratios, tensor.get("reason", ""))
     level = tensor.get("rule") if tensor.get("rule") in ratios else "tensor"
     return Cell(tensor["status"], level if level in ratios else "", ratios.get(level), ratios, tensor.get("reason", ""))
 

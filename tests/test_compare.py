@@ -114,3 +114,11 @@ def test_rows_that_pass_everywhere_but_far_apart_are_shown(tmp_path):
     apart = [r for r in m.rows if r.group == "apart"]
     assert apart and {r.key[2] for r in apart} == {"dk"} and "on cpu-x86_64 vs" in apart[0].note
     assert "differs 1.5× or more" in render_matrix(m)
+
+
+def test_a_nonfinite_failure_reads_as_nan_not_as_a_clean_zero_ratio():
+    from harness.compare import _cell
+
+    tensor = {"status": "FAIL", "rule": "nonfinite", "reason": "dq: 16384 NaN",
+              "metrics": {"levels": {"tensor": {"ratio": 0.0}}}}
+    assert _cell({"status": "FAIL"}, tensor).text() == "FAIL NaN/Inf"
