@@ -249,8 +249,9 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
         dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
     else:
         # stacking the group's rows makes this GEMM's accumulation the group sum; dK^T = Q^T dS
-        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
-        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
+        # (accumulated by the GEMM itself, beta = 1: no temporary, no extra pass)
+        dk_acc[bi, h0:h1, :, :c1].baddbmm_(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
+        dv_acc[bi, h0:h1, :, :c1].baddbmm_(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None) -> AttentionResult:
