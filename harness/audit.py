@@ -115,7 +115,7 @@ def design_verdicts(refs: References, tol: Tolerances) -> list[tuple[str, Tensor
         lowprec = refs.lowprec[tensor]
         for i, name in enumerate(names):
             others = lowprec[:i] + lowprec[i + 1:]
-            m = tensor_metrics(tensor, lowprec[i], truth, others, refs.inputs)
+            m = tensor_metrics(tensor, lowprec[i], truth, others, refs.inputs, refs.row_noise.get(tensor))
             out.append((f"lowprec:{name}", judge_metrics(m, case.dtype, tol)))
     return out
 

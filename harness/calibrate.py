@@ -107,7 +107,7 @@ def design_samples(refs: References) -> list[tuple[str, str, TensorMetrics]]:
         lowprec = refs.lowprec[tensor]
         for i, name in enumerate(names):
             others = lowprec[:i] + lowprec[i + 1:]
-            out.append((f"design:{name}", tensor, tensor_metrics(tensor, lowprec[i], truth, others, refs.inputs)))
+            out.append((f"design:{name}", tensor, tensor_metrics(tensor, lowprec[i], truth, others, refs.inputs, refs.row_noise.get(tensor))))
     return out
 
 

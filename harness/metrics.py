@@ -56,10 +56,12 @@ class Level:
     eps: torch.Tensor
     truth: torch.Tensor
     count: int  # elements per unit
+    dterm: torch.Tensor | None = None  # dQ/dK noise inherited from D's rounding (cancellation.py)
 
     @property
     def scale(self) -> torch.Tensor:
-        return torch.maximum(torch.maximum(self.floor, self.lowprec), self.eps)
+        scale = torch.maximum(torch.maximum(self.floor, self.lowprec), self.eps)
+        return scale if self.dterm is None else torch.maximum(scale, self.dterm)
 
     @property
     def ratio(self) -> torch.Tensor:
@@ -89,6 +91,7 @@ class TensorMetrics:
         return {
             "ratio": flat(lv.ratio), "err": flat(lv.err), "scale": flat(lv.scale), "floor": flat(lv.floor),
             "lowprec": flat(lv.lowprec), "eps": flat(lv.eps),
+            "dterm": flat(lv.dterm) if lv.dterm is not None else 0.0,
             "rel_err": flat(lv.err) / flat(lv.truth) if flat(lv.truth) > 0 else math.inf,
             "index": [int(x) for x in torch.unravel_index(torch.tensor(i), lv.ratio.shape)] if lv.ratio.dim() else [],
             "count": lv.count,
@@ -130,8 +133,9 @@ def _count(shape: torch.Size, level: str) -> int:
 
 
 def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
-                   inputs: Inputs) -> TensorMetrics:
-    """`actual` must already have the oracle's shape (the verdict checks the contract first)."""
+                   inputs: Inputs, row_noise: torch.Tensor | None = None) -> TensorMetrics:
+    """`actual` must already have the oracle's shape (the verdict checks the contract first).
+    `row_noise`: per-row (B, H, L) noise per unit roundoff that D's rounding leaves (dQ, dK)."""
     dtype = torch_dtype(inputs.case)
     a = actual.detach().to("cpu", torch.float64)
     o = oracle.double()
@@ -147,6 +151,7 @@ def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpre
     # fp32 unit roundoff: where the truth is exactly 0 a correct (fp32-accumulating) kernel's error is
     # fp32 cancellation noise; a dtype-sized term would dwarf the floor of small outputs.
     eps_elem2 = (torch.finfo(torch.float32).eps / 2 * magnitude(inputs, name)) ** 2
+    dterm2 = (torch.finfo(dtype).eps / 2 * row_noise.double()) ** 2 if row_noise is not None else None
     levels = {}
     for level in LEVELS:
         err = _norm(err2, level)
@@ -156,6 +161,7 @@ def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpre
             err=err, floor=_norm(floor2, level), lowprec=envelope,
             eps=torch.full(err.shape, math.sqrt(eps_elem2 * count), dtype=torch.float64),
             truth=_norm(truth2, level), count=count,
+            dterm=_norm(dterm2, level) if dterm2 is not None else None,
         )
 
     abs_diff = diff.abs()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .cancellation import d_term_noise
 from .case import Case, case_spec
 from .execute import TENSORS, HarnessDefect, Outputs, Unsupported, run_implementation
 from .implementations import DeviceFacts, Implementation
@@ -63,6 +64,7 @@ class References:
     oracle: dict[str, torch.Tensor]
     lowprec: dict[str, list[torch.Tensor]]
     seconds: float
+    row_noise: dict[str, torch.Tensor] = field(default_factory=dict)  # cancellation.d_term_noise
 
 
 def references(case: Case) -> References:
@@ -70,7 +72,8 @@ def references(case: Case) -> References:
     inputs = make_inputs(case)
     truth = oracle(inputs).tensors()
     lp = lowprec_reference(inputs).tensors()
-    return References(inputs, truth, lp, time.perf_counter() - start)
+    noise = d_term_noise(inputs, truth["out"]) if case.grads else {}
+    return References(inputs, truth, lp, time.perf_counter() - start, noise)
 
 
 def judge_outputs(refs: References, outputs: Outputs, device: str, tol: Tolerances) -> dict[str, TensorVerdict]:
@@ -92,7 +95,8 @@ def judge_outputs(refs: References, outputs: Outputs, device: str, tol: Toleranc
         if problem:
             verdicts[name] = TensorVerdict(name, Status.FAIL, "contract", problem, severity="gross", excess=math.inf)
             continue
-        m = tensor_metrics(name, outputs.tensors[name], truth, refs.lowprec[name], refs.inputs)
+        m = tensor_metrics(name, outputs.tensors[name], truth, refs.lowprec[name], refs.inputs,
+                           refs.row_noise.get(name))
         verdicts[name] = judge_metrics(m, case.dtype, tol)
     return verdicts
 
