@@ -173,7 +173,7 @@ def test_every_run_step_has_an_id_and_is_run_here_or_skipped_for_a_stated_reason
 def _readme_commands() -> tuple[str, str]:
     blocks = re.findall(r"^    (\S.*)$", (REPO / "README.md").read_text(), flags=re.M)
     install = next(b for b in blocks if b.startswith("pip install torch=="))
-    test = next(b for b in blocks if b.startswith("python -m pytest"))
+    test = next(b for b in blocks if b.startswith("pip install -e '.[test]' && python -m pytest"))
     return install.split(" && ")[0], test
 
 
