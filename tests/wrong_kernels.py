@@ -79,13 +79,17 @@ def missing_value_gradient(query, key, value, attn_mask=None, dropout_p=0.0, is_
     return _math(query, key, value.detach(), attn_mask, is_causal, scale, enable_gqa)
 
 
-class _FirstHeadOnlyGrad(torch.autograd.Function):
-    """Expand kv heads for the group; backward keeps only the group's first query head (no group sum)."""
+class _GroupExpand(torch.autograd.Function):
+    """Expand kv heads for the group (forward); subclasses get the group's per-head grads wrong."""
 
     @staticmethod
     def forward(ctx, kv, group):
         ctx.group = group
         return kv.repeat_interleave(group, 1)
+
+
+class _FirstHeadOnlyGrad(_GroupExpand):
+    """Backward keeps only the group's first query head (no group sum)."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -100,13 +104,8 @@ def no_group_sum(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return _math(query, _FirstHeadOnlyGrad.apply(key, g), _FirstHeadOnlyGrad.apply(value, g), attn_mask, is_causal, scale)
 
 
-class _LowPrecisionGroupSum(torch.autograd.Function):
-    """Expand kv heads; backward sums the group's per-head gradients one by one in the input dtype."""
-
-    @staticmethod
-    def forward(ctx, kv, group):
-        ctx.group = group
-        return kv.repeat_interleave(group, 1)
+class _LowPrecisionGroupSum(_GroupExpand):
+    """Backward sums the group's per-head gradients one by one in the input dtype."""
 
     @staticmethod
     def backward(ctx, grad):
