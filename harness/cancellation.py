@@ -3,13 +3,15 @@
 dS_ij = P_ij (dP_ij - D_i) with D_i = rowsum(dO_i ∘ O_i), and O as stored is rounded to
 the dtype. On a row whose softmax sits on a few keys, dP_ij ≈ D_i and dQ, dK are mostly
 what is left of that cancellation, so they inherit the rounding of O through D:
-    δD_i   ~ u · ||dO_i ∘ O_i||                       (u: unit roundoff of the dtype)
+    δD_i   ~ ||dO_i ∘ (O_i as stored - O_i)||         (O's rounding; 0 where O is exact, e.g. one key)
     δdQ_i  = -scale · δD_i · Σ_j P_ij k_j             (the attention-weighted mean key)
     δdK_j  = -scale · Σ_i P_ij δD_i q_i               (independent δD_i add in quadrature)
 Which realisation of δO a kernel gets depends on its own rounding of O, so a handful of
 reference designs, each one realisation, can land far under it: measured, the accepted
 designs scored up to 15x the envelope of the others on such dQ rows (calibration, CPU),
-and real kernels alike. This module gives the magnitude, per row, in units of u.
+and real kernels alike. This module gives the magnitude, per row. The rounding magnitude is the
+correctly rounded O's, element by element, so a row whose O is exact in the dtype (a row that
+sees one key: O = v_j) gets no allowance at all.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ CHUNK_BYTES = 64 * 2**20
 
 
 def d_term_noise(inputs: Inputs, oracle_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from D's rounding, per unit roundoff."""
+    """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from D's rounding, in the tensors' units."""
     case = inputs.case
     b, hq, hkv, lq, lk, g = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, case.group_size
     scale = softmax_scale(case)
     q = inputs.q.double().view(b, hkv, g, lq, case.head_dim)
     k = inputs.k.double()[:, :, None]  # (B, Hkv, 1, Lk, D): broadcast over the group
-    weight = (inputs.grad_out.double() * oracle_out.double()).norm(dim=-1).view(b, hkv, g, lq)
+    o = oracle_out.double()
+    o_rounding = o.to(inputs.q.dtype).double() - o  # what storing O in the dtype does to it
+    weight = (inputs.grad_out.double() * o_rounding).norm(dim=-1).view(b, hkv, g, lq)
     weight = torch.nan_to_num(weight, nan=0.0, posinf=0.0)
     qnorm = q.norm(dim=-1)
     mask = inputs.mask

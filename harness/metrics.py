@@ -135,7 +135,7 @@ def _count(shape: torch.Size, level: str) -> int:
 def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
                    inputs: Inputs, row_noise: torch.Tensor | None = None) -> TensorMetrics:
     """`actual` must already have the oracle's shape (the verdict checks the contract first).
-    `row_noise`: per-row (B, H, L) noise per unit roundoff that D's rounding leaves (dQ, dK)."""
+    `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py)."""
     dtype = torch_dtype(inputs.case)
     a = actual.detach().to("cpu", torch.float64)
     o = oracle.double()
@@ -151,7 +151,7 @@ def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpre
     # fp32 unit roundoff: where the truth is exactly 0 a correct (fp32-accumulating) kernel's error is
     # fp32 cancellation noise; a dtype-sized term would dwarf the floor of small outputs.
     eps_elem2 = (torch.finfo(torch.float32).eps / 2 * magnitude(inputs, name)) ** 2
-    dterm2 = (torch.finfo(dtype).eps / 2 * row_noise.double()) ** 2 if row_noise is not None else None
+    dterm2 = row_noise.double() ** 2 if row_noise is not None else None
     levels = {}
     for level in LEVELS:
         err = _norm(err2, level)

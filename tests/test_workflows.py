@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_install_and_test_steps_are_the_readme_commands_and_gpu_installs_keep_to
     install, test = _readme_commands()
     deps = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
             if not d.startswith("torch")]
-    gpu_install = f"python -m pip install --no-deps -e . && python -m pip install {' '.join(deps)}"
+    gpu_install = f"python -m pip install --no-deps -e . && python -m pip install {' '.join(shlex.quote(d) for d in deps)}"
     for step in all_steps():
         if step.id == "install":
             if step.source == "action.yml":
