@@ -30,8 +30,7 @@ def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return _math(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
-def fp32_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Correct: plain fp32 attention written out by hand, cast back to the input dtype."""
+def _plain_fp32(query, key, value, attn_mask, is_causal, scale, zero_dead_rows: bool):
     g = _group(query, key)
     q, k, v = query.float(), key.float().repeat_interleave(g, 1), value.float().repeat_interleave(g, 1)
     s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
@@ -40,8 +39,15 @@ def fp32_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # all-masked rows are zero, as torch defines them
+    p = torch.softmax(s, -1)
+    if zero_dead_rows:
+        p = p.nan_to_num(0.0)  # all-masked rows are zero, as torch defines them
     return (p @ v).to(query.dtype)
+
+
+def fp32_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Correct: plain fp32 attention written out by hand, cast back to the input dtype."""
+    return _plain_fp32(query, key, value, attn_mask, is_causal, scale, zero_dead_rows=True)
 
 
 # --- gross ---------------------------------------------------------------------------------
@@ -61,12 +67,7 @@ def ignores_scale(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def nan_on_masked_rows(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Wrong: softmax of an all -inf row is 0/0 = NaN (torch < 2.5 behaviour). Fails out with NaN."""
-    g = _group(query, key)
-    q, k, v = query.float(), key.float().repeat_interleave(g, 1), value.float().repeat_interleave(g, 1)
-    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-    return (torch.softmax(s, -1) @ v).to(query.dtype)
+    return _plain_fp32(query, key, value, attn_mask, is_causal, scale, zero_dead_rows=False)
 
 
 def wrong_output_dtype(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
