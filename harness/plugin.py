@@ -11,12 +11,11 @@ cores / workers CPU threads, and all implementations of a case run on one worker
 (`--dist loadgroup`, the default here when -n is given) so its oracle is computed once.
 Workers stream records to --gqa-out/.parts/; the controller merges them into one report of
 the same form as `gqa-harness run`'s. Only the pytest wiring lives here; the work is
-runner.run_one and report.build_report.
+run.session.CaseRunner and reports.report.build_report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -27,8 +26,21 @@ from typing import Any
 
 import pytest
 
-from . import strategies  # noqa: F401 - registers the dev/ci/nightly Hypothesis profiles before --hypothesis-profile loads one
-from .pinning import pin_worker
+from .core.case import CaseError, case_spec
+from .core.generate import register_profiles
+from .core.results import ImplResult
+from .core.suites import SuiteCase, SuiteError, select_cases
+from .implementations import RegistryError
+from .options import add_run_options
+from .reports.explain import result_text
+from .reports.report import build_report, render_markdown
+from .reports.store import JsonlSink, read_stream, stream_path, write_report, write_stream
+from .run.env import DeviceError
+from .run.pinning import pin_worker
+from .run.plan import canary_cases
+from .run.session import CaseRunner, Session
+
+register_profiles()  # dev/ci/nightly exist before Hypothesis's own plugin loads --hypothesis-profile
 
 PARTS = ".parts"
 MARKERS = {
@@ -42,20 +54,7 @@ _STATE = pytest.StashKey["RunState"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("gqa-harness", "gqa-harness: SDPA cases as pytest items")
-    g.addoption("--gqa-suite", action="append", default=[], metavar="NAME",
-                help="run cases/NAME.toml (or a directory of them) as items; repeatable")
-    g.addoption("--gqa-case", action="append", default=[], metavar="SPEC",
-                help="inline case, e.g. b=2,hq=32,hkv=8,lq=128,d=128; repeatable")
-    g.addoption("--gqa-device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
-    g.addoption("--gqa-impl", action="append", default=[], metavar="IMPL",
-                help="built-in name or package.module:function; repeatable (default: every built-in)")
-    g.addoption("--gqa-dtype", default=None, help="comma list of dtypes to keep, e.g. bf16,fp16")
-    g.addoption("--gqa-max-tokens", type=int, default=None, help="cap q/kv lengths, keeping head geometry")
-    g.addoption("--gqa-out", default="gqa-report", help="merged JSON + Markdown report directory (default: gqa-report)")
-    g.addoption("--gqa-strict", action="store_true", help="KNOWN failures fail their items")
-    g.addoption("--gqa-in-process", action="store_true",
-                help="run kernels in the pytest process (default: a worker process, so a crash or hang is a result)")
+    add_run_options(parser.getgroup("gqa-harness", "gqa-harness: SDPA cases as pytest items").addoption, "--gqa-")
 
 
 def active(config: pytest.Config) -> bool:
@@ -130,91 +129,42 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 @dataclass
 class RunState:
-    """Per process: device facts, oracle cache (the current case only), the JSONL part file."""
+    """Per process: the session, its case runner (which caches the current case's references) and
+    the JSONL part file this process streams to."""
 
     out: Path
     pinned: dict[str, Any]
     strict: bool = False
     isolate: bool = True  # kernels in a spawn-started worker (worker.py), as `gqa-harness run` does
     started: str = ""
-    facts: Any = None
-    label: str = ""
+    session: Session | None = None
     impls: list = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
-    tol: Any = None
-    known: list = field(default_factory=list)
-    sink: Any = None
-    refs: Any = None
-    too_big: str | None = None
-    worker: Any = None
+    runner: CaseRunner | None = None
+    sink: JsonlSink | None = None
     merged: tuple[dict[str, Any], Path] | None = None
 
     def setup(self, device: str | None, impl_names: list[str]) -> None:
-        from .env import device_facts, device_label, pin_math_reduction
-        from .implementations import canaries, resolve
-        from .known import load_known
-        from .verdict import load_tolerances
+        self.session = Session.open(device)
+        impls, self.unavailable = self.session.resolve(impl_names)
+        self.impls = impls + self.session.canaries()
 
-        self.facts = device_facts(device)
-        self.label = device_label(self.facts)
-        impls, self.unavailable = resolve(impl_names, self.facts)
-        self.impls = impls + canaries(self.facts)
-        pin_math_reduction(False)
-        self.tol, self.known = load_tolerances(), load_known()
-
-    def _open(self) -> None:
-        from .env import fingerprint
-        from .runner import JsonlSink
-
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        self.sink = JsonlSink(self.out / PARTS / f"{self.label}.{worker}.jsonl")
-        self.sink({"type": "fingerprint", "worker": worker, "fingerprint": fingerprint(self.facts),
-                   "pinned": self.pinned, "implementations": [i.name for i in self.impls if not i.canary],
-                   "unavailable": self.unavailable})
-
-    def references(self, case):
-        """The case's references, computed once (a case's items run back to back on one worker)."""
-        from .case import case_spec
-        from .memory import skip_reason
-        from .runner import references
-
-        if self.refs is None or self.refs.inputs.case != case:
-            if self.sink is None:
-                self._open()
-            self.too_big = skip_reason(case)
-            self.refs = None if self.too_big else references(case)
-            # the same case record execute_plan streams, so build_report reads both alike
-            self.sink({"type": "case", "case_id": case.id, "case": case.to_dict(), "spec": case_spec(case),
-                       "input_sha256": self.refs.inputs.hashes() if self.refs else {},
-                       "oracle_seconds": round(self.refs.seconds, 4) if self.refs else 0.0})
-        return self.refs
-
-    def _executor(self, impl):
-        from .worker import Worker, rebuildable
-
-        if not self.isolate or not rebuildable(impl):
-            return None
-        if self.worker is None:
-            self.worker = Worker(self.facts.device, self.facts.kind)
-        return self.worker.execute
-
-    def run(self, case, impl):
-        from .runner import ImplResult, run_one
-        from .verdict import Status
-
-        refs = self.references(case)
-        if refs is None:
-            result = ImplResult(case_id=case.id, impl=impl.name, status=Status.UNSUPPORTED, error=self.too_big,
-                                error_kind="memory", canary=impl.canary)
-        else:
-            result = run_one(refs, impl, self.facts, self.tol, self.known, self.label, self._executor(impl))
+    def run(self, case, impl) -> ImplResult:
+        if self.runner is None:
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            self.sink = JsonlSink(self.out / PARTS / f"{self.session.label}.{worker}.jsonl")
+            self.sink({"type": "fingerprint", "worker": worker, "fingerprint": self.session.fingerprint(),
+                       "pinned": self.pinned, "implementations": [i.name for i in self.impls if not i.canary],
+                       "unavailable": self.unavailable, "tolerances": self.session.tolerances.as_dict()})
+            self.runner = CaseRunner(self.session, isolate=self.isolate, sink=self.sink)
+        result = self.runner.run(case, impl)
         self.sink({"type": "result", **result.to_dict()})
         return result
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -229,27 +179,19 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
 
 def merge_parts(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
     """One report from every worker's part: <label>.json, .md and .jsonl, as `gqa-harness run` writes."""
-    from .report import build_report, render_markdown
-    from .runner import read_stream
-    from .verdict import load_tolerances
-
-    parts = sorted((out / PARTS).glob("*.jsonl"))
-    records = [r for p in parts for r in read_stream(p)]
+    records = [r for p in sorted((out / PARTS).glob("*.jsonl")) for r in read_stream(p)]
     heads = [r for r in records if r.get("type") == "fingerprint"]
     if not heads:
         return None
     fp = heads[0]["fingerprint"]
-    label = fp.get("device_label", "unknown")
     settings = {**settings, "implementations": heads[0]["implementations"], "unavailable": heads[0]["unavailable"],
-                "tolerances": load_tolerances().as_dict(),
+                "tolerances": heads[0]["tolerances"],
                 "pytest_workers": {h["worker"]: {"pinned": h["pinned"], "device": h["fingerprint"].get("device"),
                                                  "device_name": h["fingerprint"].get("device_name")} for h in heads}}
     body = [r for r in records if r.get("type") in ("case", "result")]
     report = build_report(body, fp, settings)
-    (out / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in body))
-    (out / f"{label}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
-    (out / f"{label}.md").write_text(render_markdown(report))
-    return report, out / f"{label}.md"
+    write_stream(stream_path(out, fp.get("device_label", "unknown")), body)
+    return report, write_report(out, report, render_markdown(report))
 
 
 # --- items -------------------------------------------------------------------------------------
@@ -286,12 +228,6 @@ class GqaItem(pytest.Item):
 
 
 def make_items(session: pytest.Session, state: RunState) -> list[GqaItem]:
-    from .case import CaseError
-    from .env import DeviceError
-    from .implementations import RegistryError
-    from .runner import canary_cases
-    from .suites import SuiteCase, SuiteError, select_cases
-
     config = session.config
     try:
         chosen = select_cases(config.getoption("gqa_suite"), config.getoption("gqa_case"),
@@ -308,7 +244,7 @@ def make_items(session: pytest.Session, state: RunState) -> list[GqaItem]:
     for sc, impl in work:
         item = GqaItem.from_parent(parent, name=f"{sc.case.id}[{impl.name}]", case=sc.case, impl=impl, suite_case=sc)
         item.add_marker(pytest.mark.xdist_group(sc.case.id))
-        for marker in item_markers(sc, state.facts.kind):
+        for marker in item_markers(sc, state.session.facts.kind):
             item.add_marker(marker)
         item.extra_keyword_matches.update(k for k in (sc.name, *sc.tags, impl.name, sc.case.dtype) if k)
         items.append(item)
@@ -351,35 +287,22 @@ def _round(x: Any) -> Any:
     return float(f"{x:.4g}") if isinstance(x, float) else x
 
 
-def failure_message(result, case, device: str) -> str:
+def failure_message(result: ImplResult, case, device: str) -> str:
     """The evidence the Markdown report gives for this result, as one assertion message."""
-    from .case import case_spec
-
-    lines = [f"{result.case_id} [{result.impl}]: {result.status}"]
-    if result.error:
-        lines.append(f"  {result.error_kind or 'error'}: {result.error}")
-    for name, verdict in result.tensors.items():
-        if str(verdict.status) in ("FAIL", "ERROR", "KNOWN"):
-            heads = ", ".join(f"b{b}h{h}" for b, h in verdict.failing_heads[:8])
-            extra = f" (+{len(verdict.failing_heads) - 8})" if len(verdict.failing_heads) > 8 else ""
-            severity = f" {verdict.severity}" if verdict.severity else ""
-            lines.append(f"  {name} {verdict.status}{severity} at {verdict.rule or '-'} level: {verdict.reason}"
-                         + (f"; failing heads {heads}{extra}" if heads else ""))
-    lines.append(f"  reproduce: gqa-harness run --device {device} --case '{case_spec(case)}' --impl {result.impl}")
-    return "\n".join(lines)
+    return result_text(result.to_dict(), case_spec(case), device)
 
 
 def outcome(result, state: RunState, case) -> None:
     status = str(result.status)
     if result.canary:
         if status != "FAIL":
-            raise GqaFailure(f"the canary {result.impl} did not FAIL ({status}) on {state.facts.device}: this "
+            raise GqaFailure(f"the canary {result.impl} did not FAIL ({status}) on {state.session.device}: this "
                              "pipeline cannot fail here, its PASSes mean nothing")
         return
     if status in ("FAIL", "ERROR") or (status == "KNOWN" and state.strict):
-        raise GqaFailure(failure_message(result, case, state.facts.device))
+        raise GqaFailure(failure_message(result, case, state.session.device))
     if status == "KNOWN":
-        pytest.xfail(failure_message(result, case, state.facts.device).replace("\n", " |"))
+        pytest.xfail(failure_message(result, case, state.session.device).replace("\n", " |"))
     if status in ("UNSUPPORTED", "OUT_OF_RANGE"):
         reasons = [v.reason for v in result.tensors.values() if str(v.status) == status]
         pytest.skip(f"{status}: {result.error or '; '.join(reasons)}")

@@ -1,4 +1,4 @@
-"""Hypothesis strategies that generate only valid cases, and what to print when one fails.
+"""Hypothesis for your own tests: generated valid cases, judged as a run judges them.
 
     from hypothesis import given
     from harness.strategies import cases, check
@@ -7,155 +7,42 @@
     def test_my_kernel(case):
         check(case, "mypkg.attn:sdpa")          # FAIL/ERROR raise, with a ready-to-paste repro
 
-Generated cases are valid by construction (kv heads divide query heads, padding masks only
-with batch >= 2, stride-0 expanded K/V only with one kv head, ...) and bounded in memory:
-lengths are drawn so the fp64 oracle's tensors fit the budget of the active profile.
-Lengths lean on the classes where real kernels broke (1, = 1 mod 32, = 64 mod 128, primes),
-and every choice shrinks towards the plainest case, so a failure shrinks to a small case
-in its class. Profiles (`--hypothesis-profile NAME` or HYPOTHESIS_PROFILE): `dev` (quick,
-random), `ci` (derandomized: no seed to print, so the `@reproduce_failure` blob is),
-`nightly` (many examples, a larger memory budget).
+The strategies live in harness/core/generate.py; this module is their public face.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from hypothesis import note
 
-from hypothesis import HealthCheck, assume, note, settings
-from hypothesis import strategies as st
+from .core.case import Case, case_spec
+from .core.generate import BUDGETS, budget, case_bytes, case_toml, cases, lengths
+from .core.references import references
+from .core.results import ImplResult
+from .reports.explain import reproduce_command, result_text
+from .run.session import Session, run_one
 
-from .case import ALIASES, CAUSAL, FIELDS, LAYOUTS, MASK_FILLS, MASKS, VALUES, Case, case_spec
-
-MIB = 1 << 20
-BUDGETS = {"dev": 16 * MIB, "ci": 8 * MIB, "nightly": 256 * MIB}  # fp64 oracle bytes per case
-HEAD_DIMS = (64, 8, 16, 32, 80, 96, 128, 203, 256)  # the first is where shrinking ends
-PRIMES = (2, 3, 5, 7, 13, 31, 61, 97, 127, 131, 257, 509)
-GROUPS = (1, 2, 4, 8, 3, 6, 7, 16)  # powers of two first; 6 and 7 as Qwen2.5's 12/2 and 28/4
-
-_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-settings.register_profile("dev", max_examples=25, **_COMMON)
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
-settings.register_profile("nightly", max_examples=1000, **_COMMON)
-if os.environ.get("HYPOTHESIS_PROFILE") in ("dev", "ci", "nightly"):
-    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
-
-
-def budget() -> int:
-    """Memory budget of the active profile (dev's when the profile is not one of ours)."""
-    return BUDGETS.get(settings.get_current_profile_name(), BUDGETS["dev"])
-
-
-def case_bytes(case: Case) -> int:
-    """fp64 bytes the oracle and the low-precision reference hold for a case, roughly: every input,
-    output and gradient, plus scores, probabilities and dS over the whole (Lq, Lk) grid."""
-    b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
-    d, dv = case.head_dim, case.value_dim
-    elems = b * hq * lq * (2 * d + 2 * dv) + 2 * b * hkv * lk * (d + dv) + 3 * b * hq * lq * lk
-    if case.has_mask:
-        elems += b * (hq if case.mask_per_head else 1) * lq * lk
-    return 8 * elems
-
-
-def lengths(max_len: int) -> st.SearchStrategy[int]:
-    """A sequence length up to max_len, often from a class where tiled kernels break."""
-    max_len = max(1, max_len)
-    return st.one_of(
-        st.integers(1, max_len),
-        st.builds(lambda k: 32 * k + 1, st.integers(0, (max_len - 1) // 32)),
-        st.builds(lambda k: 128 * k + 64, st.integers(0, max(0, (max_len - 64) // 128))).filter(lambda n: n <= max_len),
-        st.sampled_from([p for p in PRIMES if p <= max_len] or [1]),
-    )
-
-
-@st.composite
-def cases(draw, *, memory: int | None = None, dtypes: tuple[str, ...] = ("bf16", "fp16"), max_len: int = 512,
-          max_batch: int = 4, max_kv_heads: int = 4, head_dims: tuple[int, ...] = HEAD_DIMS, masks: bool = True,
-          layouts: bool = True, values: bool = True, scales: bool = True) -> Case:
-    """A valid Case within `memory` bytes (default: the active profile's budget).
-    Switch off masks/layouts/values/scales to search a plainer space."""
-    memory = memory or budget()
-    kv_heads = draw(st.integers(1, max_kv_heads))
-    group = draw(st.sampled_from(GROUPS))
-    batch = draw(st.integers(1, max_batch))
-    head_dim = draw(st.sampled_from(head_dims))
-    v_head_dim = draw(st.one_of(st.none(), st.sampled_from(head_dims))) if values else None
-    q_heads = kv_heads * group
-    # the longest square grid the budget allows with these heads (3 score-sized fp64 buffers + mask)
-    fit = int((memory / (8 * 4 * batch * q_heads)) ** 0.5)
-    limit = max(1, min(max_len, fit))
-    q_len = draw(lengths(limit))
-    kv_len = draw(lengths(limit)) if draw(st.booleans()) else q_len
-    fields: dict[str, Any] = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
-                                  head_dim=head_dim, v_head_dim=v_head_dim, dtype=draw(st.sampled_from(dtypes)),
-                                  causal=draw(st.sampled_from(CAUSAL)), seed=draw(st.integers(0, 1 << 16)))
-    if masks:
-        allowed = [m for m in MASKS if m != "padding" or batch >= 2]
-        mask = draw(st.sampled_from(allowed))
-        if mask != "none":
-            fields.update(mask=mask, mask_fill=draw(st.sampled_from(MASK_FILLS)), mask_per_head=draw(st.booleans()))
-    if layouts:
-        fields["layout"] = draw(st.sampled_from([lay for lay in LAYOUTS if lay != "kv-expanded" or kv_heads == 1]))
-    if values:
-        fields["values"] = draw(st.sampled_from(VALUES))
-    if scales:
-        fields["scale"] = draw(st.one_of(st.none(), st.sampled_from([0.125, 0.05, 0.3, 1.0])))
-    case = Case(**fields)
-    assume(case_bytes(case) <= memory)  # wide head dims can still tip a long case over
-    return case
-
-
-# --- what a failing generated case prints --------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def case_toml(case: Case, name: str = "generated") -> str:
-    """A ready-to-paste cases/*.toml entry that rebuilds exactly this case."""
-    short = {v: k for k, v in ALIASES.items()}
-    defaults = Case(1, 1, 1, 1, 1, 1)
-    lines = ["[[case]]", f"name = {_toml_value(name)}"]
-    for field in FIELDS:
-        value = getattr(case, field)
-        required = field in ("batch", "q_heads", "kv_heads", "q_len", "kv_len", "head_dim")
-        if value is not None and (required or value != getattr(defaults, field)):
-            lines.append(f"{short.get(field, field)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+__all__ = ["BUDGETS", "budget", "case_bytes", "case_toml", "cases", "check", "judge", "lengths", "repro"]
 
 
 def repro(case: Case, impl: str, device: str = "cpu") -> str:
     return (f"# case {case.id}: paste into a cases/*.toml file\n{case_toml(case)}\n"
-            f"# reproduce:\ngqa-harness run --device {device} --case '{case_spec(case)}' --impl {impl}")
+            f"# reproduce:\n{reproduce_command(case_spec(case), impl, device)}")
 
 
-def judge(case: Case, impl: str, device: str = "cpu"):
-    """Run one implementation (a built-in name or module:function) on one case, judged as a run
-    would, known failures applied. Returns the runner's ImplResult."""
-    from .env import device_facts, device_label, pin_math_reduction
-    from .implementations import resolve
-    from .known import load_known
-    from .runner import references, run_one
-    from .verdict import load_tolerances
-
-    facts = device_facts(device)
-    (implementation,), _ = resolve([impl], facts)
-    pin_math_reduction(False)
-    return run_one(references(case), implementation, facts, load_tolerances(), load_known(), device_label(facts))
+def judge(case: Case, impl: str, device: str = "cpu") -> ImplResult:
+    """One implementation (a built-in name or module:function) on one case, judged as a run would,
+    known failures applied."""
+    session = Session.open(device)
+    (implementation,), _ = session.resolve([impl])
+    return run_one(session, references(case), implementation)
 
 
-def check(case: Case, impl: str, device: str = "cpu", strict: bool = False):
+def check(case: Case, impl: str, device: str = "cpu", strict: bool = False) -> ImplResult:
     """For @given tests: FAIL or ERROR raise AssertionError with the verdict; Hypothesis shrinks the
     case and prints the repro (TOML entry + command) noted here for the final, shrunk example."""
     note(repro(case, impl, device))
     result = judge(case, impl, device)
-    bad = {"FAIL", "ERROR"} | ({"KNOWN"} if strict else set())
+    bad = ("FAIL", "ERROR", *(("KNOWN",) if strict else ()))
     if str(result.status) in bad:
-        reasons = "; ".join(f"{n}: {v.reason}" for n, v in result.tensors.items() if str(v.status) in bad)
-        raise AssertionError(f"{case.id} [{impl}] {result.status}: {result.error or reasons}")
+        raise AssertionError(result_text(result.to_dict(), case_spec(case), device, bad))
     return result

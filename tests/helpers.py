@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from harness.case import Case
+from harness.core.case import Case
 from harness.implementations import DeviceFacts
 from harness.implementations.user import implementation_from_callable
-from harness.runner import ImplResult, References, references, run_one
-from harness.verdict import Tolerances, load_tolerances
+from harness.run.plan import ImplResult, References, references, run_one
+from harness.core.verdict import Tolerances, load_tolerances
 
 CPU = DeviceFacts(device="cpu", kind="cpu", name="test", arch="x86_64")
 

@@ -10,10 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 import tempfile
 
-from harness.case import Case, case_spec
+from harness.core.case import Case, case_spec
 from harness.implementations.user import implementation_from_callable
-from harness.report import build_report
-from harness.runner import JsonlSink, read_stream, run_one
+from harness.reports.report import build_report
+from harness.run.plan import JsonlSink, read_stream, run_one
 from tests.helpers import CPU, cached_references, tolerances
 from tests import repro_kernels
 

@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from harness.audit import (AUDIT_SEED_BASE, audit_cases, audit_report, known_good, render_audit, run_audit,
+from harness.lab.audit import (AUDIT_SEED_BASE, audit_cases, audit_report, known_good, render_audit, run_audit,
                            summary)
-from harness.case import Case
+from harness.core.case import Case
 from harness.cli import main
 from harness.implementations import DeviceFacts
-from harness.lowprec import designs
+from harness.core.lowprec import designs
 
 from .helpers import CPU, tolerances
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from harness.bench import MODEL_SHAPES, SCHEMA, memory_case, model_case
+from harness.lab.bench import MODEL_SHAPES, SCHEMA, memory_case, model_case
 from harness.cli import main
 
 

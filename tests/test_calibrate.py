@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from harness.audit import AUDIT_SEED_BASE
-from harness.calibrate import (AXES, CALIBRATION_SEED_BASE, SCHEMA, GridCase, axis_grid, axis_value,
+from harness.lab.audit import AUDIT_SEED_BASE
+from harness.lab.calibrate import (AXES, CALIBRATION_SEED_BASE, SCHEMA, GridCase, axis_grid, axis_value,
                                build_calibration, calibration_plan, level_ratios, margins, run_calibration,
                                trends)
-from harness.case import Case
+from harness.core.case import Case
 from harness.cli import main
-from harness.env import device_facts, fingerprint
-from harness.metrics import LEVELS
-from harness.verdict import load_tolerances
+from harness.run.env import device_facts, fingerprint
+from harness.core.metrics import LEVELS
+from harness.core.verdict import load_tolerances
 
 TINY = Case(1, 4, 1, 32, 32, 16, "bf16")
 
@@ -59,10 +59,10 @@ def test_margins_never_count_a_counter_example_as_a_correct_kernel():
 
 
 def test_levels_the_verdict_would_not_judge_have_no_ratio():
-    from harness.runner import references
+    from harness.run.plan import references
 
     refs = references(TINY.replace(seed=CALIBRATION_SEED_BASE))
-    from harness.metrics import tensor_metrics
+    from harness.core.metrics import tensor_metrics
 
     m = tensor_metrics("out", refs.lowprec["out"][0], refs.oracle["out"], refs.lowprec["out"][1:], refs.inputs)
     ratios = level_ratios(m, "bf16", load_tolerances())

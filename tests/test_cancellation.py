@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.case import Case
-from harness.metrics import tensor_metrics
-from harness.oracle import Rounding, attention
-from harness.verdict import Status, judge_metrics, load_tolerances
+from harness.core.case import Case
+from harness.core.metrics import tensor_metrics
+from harness.core.oracle import Rounding, attention
+from harness.core.verdict import Status, judge_metrics, load_tolerances
 
 from .helpers import cached_references
 

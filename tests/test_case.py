@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.case import Case, CaseError, case_spec, parse_case_spec
+from harness.core.case import Case, CaseError, case_spec, parse_case_spec
 
 
 def test_id_is_stable_and_readable():

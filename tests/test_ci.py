@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.ci import (SUMMARY_LIMIT, SummaryError, artifact_name, compose, find_reports, slug, step_outputs,
+from harness.reports.summary import (SUMMARY_LIMIT, SummaryError, artifact_name, compose, find_reports, slug, step_outputs,
                         summarize, trim, trim_note)
 
 REPO = Path(__file__).resolve().parent.parent

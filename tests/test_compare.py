@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.compare import ReportError, build_matrix, render_matrix, report_rows, write_matrix
+from harness.reports.compare import ReportError, build_matrix, render_matrix, report_rows, write_matrix
 from tests.synthetic_reports import CASES, make_report
 
 
@@ -117,7 +117,7 @@ def test_rows_that_pass_everywhere_but_far_apart_are_shown(tmp_path):
 
 
 def test_a_nonfinite_failure_reads_as_nan_not_as_a_clean_zero_ratio():
-    from harness.compare import _cell
+    from harness.reports.compare import _cell
 
     tensor = {"status": "FAIL", "rule": "nonfinite", "reason": "dq: 16384 NaN",
               "metrics": {"levels": {"tensor": {"ratio": 0.0}}}}

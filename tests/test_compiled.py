@@ -15,11 +15,11 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.attention import SDPBackend
 
-from harness.case import Case
+from harness.core.case import Case
 from harness.implementations import Implementation, builtin_implementations, resolve
 from harness.implementations.compiled import EagerFallback, compiled_forward, kernel_refusal, run_compiled
-from harness.runner import ImplResult, run_one
-from harness.verdict import Status
+from harness.run.plan import ImplResult, run_one
+from harness.core.verdict import Status
 
 from .helpers import CPU, cached_references, tolerances
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.compare import ReportError
-from harness.diff import NoiseBands, diff_reports, family_key, measure_noise, noise_for
+from harness.reports.compare import ReportError
+from harness.reports.diff import NoiseBands, diff_reports, family_key, measure_noise, noise_for
 from tests.synthetic_reports import CASES, make_report
 
 KERNELS = {"sdpa-flash": "correct", "sdpa-math": "correct", "sdpa-bad": "tiled"}

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.env import (DeviceError, device_facts, device_label, fingerprint, gpu_facts, pin_math_reduction,
+from harness.run.env import (DeviceError, device_facts, device_label, fingerprint, gpu_facts, pin_math_reduction,
                          rocm_version)
 from harness.implementations import builtin_implementations, resolve, RegistryError
 

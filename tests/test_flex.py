@@ -11,13 +11,13 @@ import dataclasses
 import pytest
 import torch
 
-from harness.case import Case
+from harness.core.case import Case
 from harness.implementations import Implementation, builtin_implementations
 from harness.implementations.flex import (FlexMods, bool_mask_mod, causal_mask_mod, causal_offset, flex_forward,
                                           no_backward_reason, translate)
-from harness.oracle import causal_keep
-from harness.runner import ImplResult, run_one
-from harness.verdict import Status
+from harness.core.oracle import causal_keep
+from harness.run.plan import ImplResult, run_one
+from harness.core.verdict import Status
 
 from .helpers import CPU, cached_references, tolerances
 

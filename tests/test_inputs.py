@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.case import Case
-from harness.execute import HarnessDefect, run_implementation
+from harness.core.case import Case
+from harness.run.execute import HarnessDefect, run_implementation
 from harness.implementations import builtin_implementations
-from harness.inputs import apply_layout, check_strides, make_inputs
+from harness.core.inputs import apply_layout, check_strides, make_inputs
 
 
 def test_inputs_are_bit_identical_for_the_same_case_and_differ_by_seed():
@@ -37,7 +37,7 @@ def test_stride_zero_expanded_kv_reaches_the_kernel():
 
 
 def test_a_layout_lost_on_the_way_is_a_harness_defect(monkeypatch):
-    import harness.execute as execute
+    import harness.run.execute as execute
 
     case = Case(2, 4, 2, 8, 8, 16, layout="v-noncontig")
     monkeypatch.setattr(execute, "apply_layout", lambda case, role, leaf: leaf.contiguous())

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from harness.case import Case
+from harness.core.case import Case
 from harness.cli import main
-from harness.known import (KnownFailuresError, apply_known, cudnn_version, load_known, version_matches,
+from harness.core.known import (KnownFailuresError, apply_known, cudnn_version, load_known, version_matches,
                            version_tuple)
-from harness.known_ledger import entry_states, fixed_in_run, load_reports
-from harness.verdict import Status
+from harness.reports.ledger import entry_states, fixed_in_run, load_reports
+from harness.core.verdict import Status
 
 from . import wrong_kernels
 from .helpers import judge

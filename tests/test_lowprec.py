@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.case import Case
-from harness.inputs import make_inputs
-from harness.lowprec import designs, lowprec_reference
-from harness.oracle import Rounding, attention, oracle
+from harness.core.case import Case
+from harness.core.inputs import make_inputs
+from harness.core.lowprec import designs, lowprec_reference
+from harness.core.oracle import Rounding, attention, oracle
 
 
 def _err(a, b):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.case import Case
-from harness.inputs import make_inputs
-from harness.oracle import oracle
+from harness.core.case import Case
+from harness.core.inputs import make_inputs
+from harness.core.oracle import oracle
 
 
 def autograd_reference(inputs):

@@ -6,14 +6,14 @@ import shlex
 
 import pytest
 
-from harness.case import Case
+from harness.core.case import Case
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
-from harness.order import _parse_call, candidate_singles, order_section, shrink
-from harness.report import build_report
-from harness.runner import RunPlan, execute_plan, layout_sibling_key, plan_work
-from harness.verdict import Status
-from harness.worker import Call
+from harness.run.order import _parse_call, candidate_singles, order_section, shrink
+from harness.reports.report import build_report
+from harness.run.plan import RunPlan, execute_plan, layout_sibling_key, plan_work
+from harness.core.verdict import Status
+from harness.run.worker import Call
 
 from .helpers import CPU, tolerances
 

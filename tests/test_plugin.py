@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness import pinning, plugin
-from harness.pinning import pinned_env, threads_per_worker, worker_index
+from harness.run.pinning import pinned_env, threads_per_worker, worker_index
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "b=2,hq=4,hkv=2,lq=24,lk=24,d=32"
@@ -146,8 +146,8 @@ def test_gqa_strict_turns_known_into_failures_and_bad_input_is_a_one_line_usage_
 
 
 def test_items_are_marked_gpu_and_vendor_on_gpus_and_slow_when_tagged_or_large():
-    from harness.case import Case
-    from harness.suites import SuiteCase
+    from harness.core.case import Case
+    from harness.core.suites import SuiteCase
 
     small, large = Case(2, 8, 2, 64, 64, 64), Case(2, 64, 8, 4096, 4096, 128)
     assert plugin.item_markers(SuiteCase(small), "cpu") == []

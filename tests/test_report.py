@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import warnings
 
-from harness.case import Case
-from harness.execute import refusal_reason, run_implementation
+from harness.core.case import Case
+from harness.run.execute import refusal_reason, run_implementation
 from harness.implementations import builtin_implementations
-from harness.inputs import make_inputs
-from harness.report import build_report, exit_status, failure_rows, render_markdown
+from harness.core.inputs import make_inputs
+from harness.reports.report import build_report, exit_status, failure_rows, render_markdown
 
 
 def _tensor(status, severity="", excess=None, rule="tensor"):
@@ -66,7 +66,7 @@ def test_sdpa_default_records_the_backend_dispatch_chose():
 def test_a_result_returned_on_the_wrong_device_is_a_contract_failure():
     import torch
 
-    from harness.verdict import contract_problem
+    from harness.core.verdict import contract_problem
 
     t = torch.zeros(2, 3)
     assert contract_problem("out", t, (2, 3), torch.float32, "cuda:0", produced_on="cuda:0") is None

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.case import parse_case_spec
+from harness.core.case import parse_case_spec
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
-from harness.inputs import make_inputs
-from harness.repro import write_repro
-from harness.repro_script import ReproError, render_script
-from harness.verdict import load_tolerances
+from harness.core.inputs import make_inputs
+from harness.repro.issue import write_repro
+from harness.repro.script import ReproError, render_script
+from harness.core.verdict import load_tolerances
 from tests.helpers import CPU
 
 ROOT = Path(__file__).resolve().parent.parent

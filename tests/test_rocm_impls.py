@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-from harness.case import Case
-from harness.env import gpu_facts
+from harness.core.case import Case
+from harness.run.env import gpu_facts
 from harness.implementations import Implementation, builtin_implementations
 from harness.implementations import rocm
-from harness.runner import run_one
-from harness.verdict import Status
+from harness.run.plan import run_one
+from harness.core.verdict import Status
 
 from .helpers import CPU, cached_references, tolerances
 

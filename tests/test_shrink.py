@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from harness.case import Case, parse_case_spec
+from harness.core.case import Case, parse_case_spec
 from harness.implementations.user import implementation_from_callable
-from harness.runner import ImplResult
-from harness.shrink import ShrinkError, Signature, judge_with, neighbours, same_failure, shrink, signature_of
-from harness.verdict import Status, TensorVerdict
+from harness.run.plan import ImplResult
+from harness.repro.shrink import ShrinkError, Signature, judge_with, neighbours, same_failure, shrink, signature_of
+from harness.core.verdict import Status, TensorVerdict
 from tests.helpers import CPU
 from tests import repro_kernels
 

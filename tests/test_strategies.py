@@ -7,9 +7,9 @@ import re
 import pytest
 from hypothesis import given, settings
 
-from harness.case import parse_case_spec
+from harness.core.case import parse_case_spec
 from harness.strategies import BUDGETS, budget, case_bytes, case_toml, cases, check, repro
-from harness.suites import load_suite_text
+from harness.core.suites import load_suite_text
 
 # A plain search space: the wrong kernels below are wrong in one class only; shrinking should land
 # on the smallest case of that class, not wander through masks and layouts.

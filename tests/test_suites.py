@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.case import Case
-from harness.suites import (CASES_DIR, SuiteError, available_suites, cap_lengths, load_suite, load_suite_text,
+from harness.core.case import Case
+from harness.core.suites import (CASES_DIR, SuiteError, available_suites, cap_lengths, load_suite, load_suite_text,
                             select_cases, suite_metadata, suite_paths)
 
 REPO = Path(__file__).resolve().parent.parent

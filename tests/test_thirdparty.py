@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness.case import Case
-from harness.env import gpu_facts
+from harness.core.case import Case
+from harness.run.env import gpu_facts
 from harness.implementations import Implementation, builtin_implementations
 from harness.implementations import thirdparty
-from harness.runner import ImplResult, run_one
-from harness.verdict import Status
+from harness.run.plan import ImplResult, run_one
+from harness.core.verdict import Status
 
 from .helpers import CPU, cached_references, tolerances
 

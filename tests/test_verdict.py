@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from harness.case import Case
-from harness.metrics import tensor_metrics
-from harness.suites import load_suite
-from harness.verdict import Status, judge_metrics, load_tolerances, worst_status
+from harness.core.case import Case
+from harness.core.metrics import tensor_metrics
+from harness.core.suites import load_suite
+from harness.core.verdict import Status, judge_metrics, load_tolerances, worst_status
 
 from . import wrong_kernels as wk
 from .helpers import cached_references, judge
@@ -177,9 +177,9 @@ def test_zero_valued_truth_is_judged_against_the_epsilon_term():
 def test_out_of_range_oracle_cannot_be_judged():
     from dataclasses import replace
 
-    from harness.inputs import make_inputs
-    from harness.lowprec import lowprec_reference
-    from harness.oracle import oracle
+    from harness.core.inputs import make_inputs
+    from harness.core.lowprec import lowprec_reference
+    from harness.core.oracle import oracle
 
     case = Case(batch=1, q_heads=2, kv_heads=1, q_len=8, kv_len=8, head_dim=16, dtype="fp16", grads=False)
     inputs = make_inputs(case)

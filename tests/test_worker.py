@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.case import Case
-from harness.determinism import compare_runs, run_repeated
-from harness.execute import Outputs
+from harness.core.case import Case
+from harness.run.determinism import compare_runs, run_repeated
+from harness.run.execute import Outputs
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
-from harness.memory import OomTracker, device_bytes, skip_reason
-from harness.report import build_report
-from harness.runner import RunPlan, execute_plan, read_stream, JsonlSink, run_one
-from harness.verdict import Status
-from harness.worker import last_words, timeout_budget
+from harness.run.memory import OomTracker, device_bytes, skip_reason
+from harness.reports.report import build_report
+from harness.run.plan import RunPlan, execute_plan, read_stream, JsonlSink, run_one
+from harness.core.verdict import Status
+from harness.run.worker import last_words, timeout_budget
 
 from .helpers import CPU, cached_references, tolerances
 

@@ -230,7 +230,7 @@ def _place(report: Path, directory: Path) -> None:
 
 def _place_baseline(report: Path, baselines: Path, report_json: dict | None = None) -> None:
     """reports/baselines/<label>.json with the noise band diff reads beside it (<label>.noise.json)."""
-    from harness.metrics import LEVELS
+    from harness.core.metrics import LEVELS
 
     baselines.mkdir(parents=True, exist_ok=True)
     (baselines / report.name).write_text(json.dumps(report_json or json.loads(report.read_text())))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..case import Case
-from . import Implementation, SdpaCall
+from ..core.case import Case
+from .base import Implementation, SdpaCall
 from .sdpa import sdpa
 
 # Small GQA case the canary runs on (group size 4, two batches); its id appears in every report.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import DeviceFacts, Implementation, SdpaCall
+from .base import DeviceFacts, Implementation, SdpaCall
 from .sdpa import BACKENDS
 
 # What `torch.compile(fn)` uses unless told otherwise; tests swap in "eager"/"aot_eager" for speed.

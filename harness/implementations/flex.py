@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch.nn.attention.bias import CausalBias
 
-from ..case import Case
-from . import DeviceFacts, Implementation, SdpaCall
+from ..core.case import Case
+from .base import DeviceFacts, Implementation, SdpaCall
 from .compiled import DEFAULT_COMPILER, OPT_IN, run_compiled
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import DeviceFacts, Implementation, SdpaCall
+from .base import DeviceFacts, Implementation, SdpaCall
 from .sdpa import sdpa
 
 # torch's _ROCmFABackend member -> the string preferred_rocm_fa_library takes

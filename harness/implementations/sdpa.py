@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import DeviceFacts, Implementation, SdpaCall
+from .base import DeviceFacts, Implementation, SdpaCall
 
 # name suffix -> (backend, device kinds that have a kernel for it)
 BACKENDS: dict[str, tuple[SDPBackend, tuple[str, ...]]] = {

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..case import Case
-from . import DeviceFacts, Implementation, SdpaCall
+from ..core.case import Case
+from .base import DeviceFacts, Implementation, SdpaCall
 
 GPU_KINDS = ("cuda", "rocm")
 # implementation name -> module holding flash_attn_func

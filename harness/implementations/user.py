@@ -7,7 +7,7 @@ import inspect
 import os
 import sys
 
-from . import Implementation, RegistryError, SdpaCall
+from .base import Implementation, RegistryError, SdpaCall
 
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 

@@ -1,0 +1,37 @@
+"""Everything a case is judged against, computed once on the CPU and shared by every implementation:
+the inputs, the fp64 oracle, the low-precision reference designs and the D-term row noise."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cancellation import d_term_noise
+from .case import Case
+from .inputs import Inputs, make_inputs
+from .lowprec import lowprec_reference
+from .oracle import oracle
+
+
+@dataclass(frozen=True)
+class References:
+    inputs: Inputs
+    oracle: dict[str, torch.Tensor]
+    lowprec: dict[str, list[torch.Tensor]]
+    seconds: float
+    row_noise: dict[str, torch.Tensor] = field(default_factory=dict)  # cancellation.d_term_noise
+
+    @property
+    def case(self) -> Case:
+        return self.inputs.case
+
+
+def references(case: Case) -> References:
+    start = time.perf_counter()
+    inputs = make_inputs(case)
+    truth = oracle(inputs).tensors()
+    lp = lowprec_reference(inputs).tensors()
+    noise = d_term_noise(inputs, truth["out"]) if case.grads else {}
+    return References(inputs, truth, lp, time.perf_counter() - start, noise)

@@ -1,0 +1,253 @@
+"""`gqa-harness bench`: what the harness costs on this machine, measured.
+
+(a) oracle throughput, forward + backward, on model shapes at head dims 64 / 128 / 256,
+    counting Case.flops() (12·B·Hq·Lq·Lk·D, halved for causal), beside this machine's
+    best square fp64 `torch.matmul` rate measured in the same run: the ratio is the
+    figure of merit (the GEMMs bound the oracle at large head dims, exp at small ones);
+(b) oracle peak memory against sequence length: each length runs in a fresh process and
+    the peak resident set (VmHWM) is taken over the resident set just
+    before the oracle, so the figure is the oracle's own (fp64 copies, outputs, blocks);
+(c) wall time of a suite through the runner, split into references (inputs, fp64 oracle,
+    low-precision designs), of which the oracle alone, implementations, and overhead.
+Timings on a shared machine are noisy: every timing is the best of `repeats` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tabulate import tabulate
+
+from ..core.case import Case, case_spec, parse_case_spec
+from ..core.inputs import make_inputs
+from ..core.oracle import oracle
+from ..core.suites import load_suite
+from ..run.env import device_facts, fingerprint
+from ..run.plan import RunPlan, canary_cases, execute_plan
+from ..run.session import Session
+
+SCHEMA = "gqa-harness-bench/1"
+# Real model geometries, causal prefill, B = 1: Llama-3.2-1B (d64), Llama-3-8B (d128), Gemma-2-9B (d256).
+MODEL_SHAPES = {64: ("llama-3.2-1b", 32, 8), 128: ("llama-3-8b", 32, 8), 256: ("gemma-2-9b", 16, 8)}
+GEMM_SIZES = (512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    length: int = 1024
+    repeats: int = 3
+    memory_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    memory_q_len: int = 256
+    suite: str | None = "smoke"
+    device: str | None = None
+    gemm_sizes: tuple[int, ...] = GEMM_SIZES
+
+
+def model_case(head_dim: int, length: int) -> Case:
+    _, hq, hkv = MODEL_SHAPES[head_dim]
+    return Case(1, hq, hkv, length, length, head_dim, "bf16", causal="top-left")
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_rates(repeats: int, sizes: tuple[int, ...] = GEMM_SIZES) -> dict[int, float]:
+    """GFLOP/s of square fp64 torch.matmul per size (best of `repeats`)."""
+    rates = {}
+    for n in sizes:
+        a = torch.randn(n, n, dtype=torch.float64)
+        b = torch.randn(n, n, dtype=torch.float64)
+        torch.matmul(a, b)  # warm-up: MKL's first call sets up its threads
+        rates[n] = 2.0 * n**3 / best_seconds(lambda: torch.matmul(a, b), repeats) / 1e9
+    return rates
+
+
+def oracle_throughput(case: Case, repeats: int) -> dict[str, Any]:
+    inputs = make_inputs(case)
+    warm_up()
+    seconds = best_seconds(lambda: oracle(inputs), repeats)
+    return {"case_id": case.id, "spec": case_spec(case), "head_dim": case.head_dim, "model": MODEL_SHAPES[case.head_dim][0],
+            "flops": case.flops(), "seconds": seconds, "gflops": case.flops() / seconds / 1e9}
+
+
+def warm_up() -> None:
+    """One small oracle call: first-call costs (library pages, thread pools) out of what is measured."""
+    oracle(make_inputs(Case(1, 4, 2, 64, 64, 64, "bf16", causal="top-left")))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def _hwm_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage: its ru_maxrss carries the parent's
+    peak across fork + exec, so a spawned child would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    try:  # Linux >= 4.0: "5" resets the peak resident set to the current one
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # the peak then includes the warm-up, which is small
+
+
+def _peak_child(spec: str, conn) -> None:
+    """In a fresh process: resident-set high-water mark during the oracle, over the RSS before it."""
+    case = parse_case_spec(spec)
+    warm_up()  # MKL and OpenMP map their code and thread stacks on first use: not the oracle's memory
+    inputs = make_inputs(case)
+    before = _rss_bytes()
+    _reset_hwm()
+    start = time.perf_counter()
+    oracle(inputs)
+    seconds = time.perf_counter() - start
+    peak = _hwm_bytes()
+    conn.send({"peak_bytes": max(0, peak - before), "seconds": seconds})
+    conn.close()
+
+
+def memory_case(kv_len: int, q_len: int) -> Case:
+    """Chunked prefill of the d128 model shape: the last `q_len` queries of a `kv_len` sequence."""
+    _, hq, hkv = MODEL_SHAPES[128]
+    return Case(1, hq, hkv, min(q_len, kv_len), kv_len, 128, "bf16", causal="bottom-right")
+
+
+def oracle_peak(case: Case) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")  # a fresh high-water mark, and no forked OpenMP pool
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_child, args=(case_spec(case), child))
+    proc.start()
+    child.close()
+    got = parent.recv() if parent.poll(3600) else {}
+    proc.join()
+    if proc.exitcode != 0 or not got:
+        return {"case_id": case.id, "kv_len": case.kv_len, "q_len": case.q_len, "error": f"exit code {proc.exitcode}"}
+    # fp64 arrays the oracle must hold whatever its blocking: its copies of q, k, v, dO and the outputs
+    d = case.head_dim
+    arrays = 8 * 2 * d * (case.batch * case.q_heads * case.q_len * 2 + case.batch * case.kv_heads * case.kv_len * 2)
+    return {"case_id": case.id, "kv_len": case.kv_len, "q_len": case.q_len, "peak_bytes": got["peak_bytes"],
+            "array_bytes": arrays, "workspace_bytes": got["peak_bytes"] - arrays, "seconds": got["seconds"]}
+
+
+def suite_split(suite: str, device: str | None) -> dict[str, Any]:
+    """One pass of `suite` through the runner, with its wall time split by where it went."""
+    session = Session.open(device)
+    cases = [sc.case for sc in load_suite(suite)]
+    impls, _ = session.resolve([])
+    plan = RunPlan(cases=tuple(cases), impls=tuple(impls), canaries=tuple(session.canaries()))
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    results = execute_plan(session, plan, records.append)
+    wall = time.perf_counter() - start
+    refs = sum(r.get("oracle_seconds", 0.0) for r in records if r.get("type") == "case")
+    impl_s = sum(r.seconds for r in results)
+    # the runner times references as a whole; the fp64 oracle's share is timed apart, once per case
+    oracle_s = 0.0
+    for case in [*cases, *(canary_cases(cases) if plan.canaries else [])]:
+        inputs = make_inputs(case)
+        t0 = time.perf_counter()
+        oracle(inputs)
+        oracle_s += time.perf_counter() - t0
+    return {"suite": suite, "device": session.device, "cases": len(cases), "results": len(results), "wall_s": wall,
+            "references_s": refs, "oracle_s": oracle_s, "implementations_s": impl_s,
+            "overhead_s": max(0.0, wall - refs - impl_s)}
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    log("fp64 GEMM rate")
+    gemm = gemm_rates(cfg.repeats, cfg.gemm_sizes)
+    throughput = []
+    for d in sorted(MODEL_SHAPES):
+        case = model_case(d, cfg.length)
+        log(f"oracle {case.id}")
+        throughput.append(oracle_throughput(case, cfg.repeats))
+    gemm_best = max(gemm.values())
+    gemm_after = gemm_rates(cfg.repeats, cfg.gemm_sizes)  # again after the oracle: load on a shared machine drifts
+    gemm_best = max(gemm_best, *gemm_after.values())
+    for row in throughput:
+        row["ratio"] = row["gflops"] / gemm_best
+    memory = []
+    for kv_len in cfg.memory_lengths:
+        case = memory_case(kv_len, cfg.memory_q_len)
+        log(f"peak memory {case.id}")
+        memory.append(oracle_peak(case))
+    suite = suite_split(cfg.suite, cfg.device) if cfg.suite else None
+    by_d = {str(r["head_dim"]): r for r in throughput}
+    main = by_d["128"]
+    peaks = [m["peak_bytes"] for m in memory if "peak_bytes" in m]
+    return {
+        "schema": SCHEMA,
+        "fingerprint": fingerprint(device_facts("cpu")),
+        "threads": torch.get_num_threads(),
+        "repeats": cfg.repeats,
+        "note": f"timings are the best of {cfg.repeats} runs; the machine may be shared",
+        "oracle_gflops": main["gflops"],
+        "gemm_gflops": gemm_best,
+        "ratio": main["ratio"],
+        "ratios": {d: r["ratio"] for d, r in by_d.items()},
+        "peak_bytes": peaks[-1] if peaks else None,
+        "gemm": {"sizes": {str(n): r for n, r in gemm.items()}, "sizes_after": {str(n): r for n, r in gemm_after.items()}},
+        "throughput": throughput,
+        "memory": memory,
+        "suite": suite,
+    }
+
+
+def _gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def render_bench(report: dict[str, Any]) -> str:
+    fp = report["fingerprint"]
+    lines = [f"# gqa-harness bench ({fp['cpu']}, {report['threads']} threads, torch {fp['torch']})", "",
+             f"{report['note']}. Best square fp64 torch.matmul: {report['gemm_gflops']:.1f} GFLOP/s.", ""]
+    rows = [[r["model"], r["case_id"], f"{r['flops'] / 1e9:.1f}", f"{r['seconds']:.2f}", f"{r['gflops']:.2f}",
+             f"{r['ratio']:.2f}"] for r in report["throughput"]]
+    lines += ["## Oracle throughput (fwd+bwd, fp64)", "",
+              tabulate(rows, headers=["shape", "case", "GFLOP", "s", "GFLOP/s", "vs GEMM"], tablefmt="github"), ""]
+    rows = [[m["case_id"], m["kv_len"], _gib(m.get("peak_bytes")), _gib(m.get("array_bytes")),
+             _gib(m.get("workspace_bytes")), m.get("error", "")] for m in report["memory"]]
+    lines += ["## Oracle peak memory vs sequence length", "",
+              "Peak resident set over the resident set before the oracle, in a fresh process; arrays = the fp64 "
+              "q, k, v, dO and outputs any oracle must hold; workspace = the rest (blocks, temporaries).", "",
+              tabulate(rows, headers=["case", "kv_len", "peak", "arrays", "workspace", ""], tablefmt="github"), ""]
+    s = report["suite"]
+    if s:
+        rows = [[s["suite"], s["cases"], s["results"], f"{s['wall_s']:.1f}", f"{s['references_s']:.1f}",
+                 f"{s['oracle_s']:.1f}", f"{s['implementations_s']:.1f}", f"{s['overhead_s']:.1f}"]]
+        lines += ["## Suite wall time (s)", "",
+                  tabulate(rows, headers=["suite", "cases", "results", "wall", "references", "of which oracle",
+                                          "implementations", "overhead"], tablefmt="github"), ""]
+    return "\n".join(lines)
+
+
+def bench_command(cfg: BenchConfig, as_json: bool, out, quiet: bool) -> int:
+    log = (lambda s: None) if quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    report = run_bench(cfg, log)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(text)
+        (out / "bench.md").write_text(render_bench(report))
+    print(text if as_json else render_bench(report))
+    return 0

@@ -1,0 +1,93 @@
+"""Which known-failure entries saved reports matched: FIXED entries and stale ones, so the file stays true.
+
+An entry is
+  * active  — the latest report it matched still had a failure it absorbed (KNOWN);
+  * FIXED   — the latest report it matched had results it matched but no failure: remove it;
+  * stale   — no report in the window matched it at all (its backend, version range or cases
+              no longer run anywhere): check whether it still describes anything.
+`gqa-harness known [REPORTS...]` prints the table; reports are the JSON files runs write
+(directories are searched recursively), e.g. CI artifacts from every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from ..core.known import KnownFailure, load_known
+from .report import known_entry_summary
+from .store import find_reports
+
+
+@dataclass(frozen=True)
+class EntryState:
+    id: str
+    state: str  # active | FIXED | stale
+    last_matched: str  # ISO time of the latest report that matched it, "" if none
+    where: str  # that report's device label and path
+    matched: int  # tensors it matched in that report
+    absorbed: int  # of which KNOWN
+
+
+def fixed_in_run(report: dict[str, Any]) -> list[str]:
+    """One line per entry this run matched without absorbing a failure."""
+    return [f"known-failure entry {entry} matched {v['matched']} result tensors and absorbed no failure: FIXED, "
+            "remove it from cases/known-failures.toml" for entry, v in sorted(known_entry_summary(report).items())
+            if v["matched"] and not v["known"]]
+
+
+def report_time(report: dict[str, Any]) -> datetime | None:
+    stamp = report.get("settings", {}).get("finished") or report.get("settings", {}).get("started")
+    try:
+        when = datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def load_reports(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Every saved report under `paths` (directories searched recursively)."""
+    return [(run.json, run.report) for run in find_reports(paths, recursive=True)]
+
+
+def entry_states(known: list[KnownFailure], reports: list[tuple[Path, dict[str, Any]]], now: datetime,
+                 days: float) -> list[EntryState]:
+    since = now - timedelta(days=days)
+    latest: dict[str, tuple[datetime, Path, dict[str, Any], dict[str, int]]] = {}
+    for path, report in reports:
+        when = report_time(report)
+        if when is None or when < since:
+            continue
+        for entry, counts in known_entry_summary(report).items():
+            if counts["matched"] and (entry not in latest or when > latest[entry][0]):
+                latest[entry] = (when, path, report, counts)
+    states = []
+    for k in known:
+        if k.id not in latest:
+            states.append(EntryState(k.id, "stale", "", "", 0, 0))
+            continue
+        when, path, report, counts = latest[k.id]
+        label = report.get("fingerprint", {}).get("device_label", "?")
+        states.append(EntryState(k.id, "active" if counts["known"] else "FIXED", when.isoformat(timespec="seconds"),
+                                 f"{label} ({path})", counts["matched"], counts["known"]))
+    return states
+
+
+def render_states(states: list[EntryState], days: float, reports: int) -> str:
+    rows = [[s.id, s.state, s.last_matched or f"not in the last {days:g} days", s.where, s.matched, s.absorbed]
+            for s in states]
+    head = f"{len(states)} known-failure entries against {reports} report(s) from the last {days:g} days"
+    return head + "\n\n" + tabulate(rows, headers=["entry", "state", "last matched", "where", "matched", "known"],
+                                    tablefmt="github")
+
+
+def known_command(paths: list[Path], days: float, known_file: Path | None, fail_on_stale: bool) -> int:
+    known = load_known(known_file)
+    reports = load_reports(paths)
+    states = entry_states(known, reports, datetime.now(timezone.utc), days)
+    print(render_states(states, days, len(reports)))
+    return 1 if fail_on_stale and any(s.state != "active" for s in states) else 0

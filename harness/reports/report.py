@@ -1,0 +1,227 @@
+"""The per-device report: a self-describing JSON and a Markdown summary for people.
+
+JSON (schema_version 1): fingerprint, settings, cases (with input SHA-256s), results.
+Markdown: what failed first (gross before subtle), one row per failing (case,
+implementation, tensor) with the evidence that it is beyond a correct kernel and the
+command that reproduces it; then the canary; then a compact pass table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+from tabulate import tabulate
+
+from .explain import FAILING, heads_text, reproduce_command
+from .store import SCHEMA_VERSION, clean_json
+
+
+def build_report(records: list[dict[str, Any]], fingerprint: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    cases: dict[str, Any] = {}
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("type") == "case":
+            cases[rec["case_id"]] = {k: rec[k] for k in ("case", "spec", "input_sha256", "oracle_seconds") if k in rec}
+        elif rec.get("type") == "result":
+            results[(rec["case_id"], rec["impl"])] = {k: v for k, v in rec.items() if k != "type"}
+    ordered = sorted(results.values(), key=lambda r: (r["case_id"], r["impl"]))
+    counted = [r for r in ordered if not r.get("canary")]
+    counts: dict[str, int] = defaultdict(int)
+    for r in counted:
+        counts[r["status"]] += 1
+    canary = [r for r in ordered if r.get("canary")]
+    return clean_json({
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "summary": {"counts": dict(counts), "results": len(counted),
+                    "canary_failed_as_expected": bool(canary) and all(r["status"] == "FAIL" for r in canary)},
+        "cases": cases,
+        "results": ordered,
+    })
+
+
+def exit_status(report: dict[str, Any], strict: bool = False) -> int:
+    bad = set(FAILING) | ({"KNOWN"} if strict else set())
+    if not report["summary"]["canary_failed_as_expected"] and any(r.get("canary") for r in report["results"]):
+        return 1
+    return 1 if any(r["status"] in bad for r in report["results"] if not r.get("canary")) else 0
+
+
+def _fmt(x: Any, spec: str = ".3g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def failure_rows(report: dict[str, Any], statuses: tuple[str, ...] = ("FAIL",)) -> list[dict[str, Any]]:
+    """One row per failing (case, implementation, tensor), gross first, then by how far beyond."""
+    rows = []
+    for r in report["results"]:
+        if r.get("canary"):
+            continue
+        for tname, t in r["tensors"].items():
+            if t["status"] not in statuses:
+                continue
+            m = t.get("metrics") or {}
+            level = m.get("levels", {}).get(t["rule"], {}) if t["rule"] in ("tensor", "slice", "row") else {}
+            rows.append({
+                "case_id": r["case_id"], "impl": r["impl"], "tensor": tname, "status": t["status"],
+                "severity": t["severity"], "rule": t["rule"], "ratio": level.get("ratio"), "excess": t.get("excess"),
+                "rel_err": level.get("rel_err"), "floor": level.get("floor"), "lowprec": level.get("lowprec"),
+                "err": level.get("err"), "worst": m.get("worst"), "heads": t.get("failing_heads", []),
+                "reason": t["reason"],
+            })
+    return sorted(rows, key=lambda x: (x["severity"] != "gross", -(x["excess"] if x["excess"] is not None else math.inf)))
+
+
+def _worst(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "—"
+    return f"{w['index']}: {_fmt(w['actual'], '.4g')} vs {_fmt(w['oracle'], '.4g')}"
+
+
+def _command(report: dict[str, Any], case_id: str, impl: str) -> str:
+    spec = report["cases"].get(case_id, {}).get("spec", "")
+    result = next((r for r in report["results"] if r["case_id"] == case_id and r["impl"] == impl), {})
+    return reproduce_command(spec, impl, report["fingerprint"].get("device", "cpu"), result.get("notes"))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    fp = report["fingerprint"]
+    counts = report["summary"]["counts"]
+    lines = [
+        f"# gqa-harness report: {fp.get('device_name') or fp.get('device')} ({fp.get('device_label')})",
+        "",
+        f"torch {fp.get('torch')} · CUDA {fp.get('cuda')} · HIP {fp.get('hip')} · cuDNN {fp.get('cudnn')} · "
+        f"harness {fp.get('harness')} · {report['summary']['results']} results: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        "",
+    ]
+    fails = failure_rows(report)
+    errors = [r for r in report["results"] if r["status"] == "ERROR" and not r.get("canary")]
+    lines += ["## Failures" if fails or errors else "## No failures", ""]
+    if fails:
+        lines.append("Error is the L2 error at the failing level; scale = max(dtype floor, low-precision reference); "
+                     "ratio = error / scale, which a correct kernel keeps under the level's factor.")
+        lines.append("")
+        table = [[f"**{x['severity']}**", x["case_id"], x["impl"], x["tensor"], x["rule"], _fmt(x["ratio"]),
+                  _fmt(x["rel_err"], ".2e"), _fmt(x["floor"], ".2e"), _fmt(x["lowprec"], ".2e"), _worst(x["worst"]),
+                  heads_text(x["heads"])] for x in fails]
+        lines.append(tabulate(table, headers=["severity", "case", "impl", "tensor", "level", "error/scale", "rel-L2",
+                                              "floor", "low-prec ref", "worst element (actual vs oracle)",
+                                              "failing heads"], tablefmt="github"))
+        lines += ["", "Reproduce:", ""]
+        for key in dict.fromkeys((x["case_id"], x["impl"]) for x in fails):
+            lines.append(f"    {_command(report, *key)}")
+        lines.append("")
+    if errors:
+        lines.append(tabulate([[r["case_id"], r["impl"], r.get("error_kind", ""), r["error"][:200]] for r in errors],
+                              headers=["case", "impl", "kind", "error"], tablefmt="github"))
+        lines.append("")
+    known = failure_rows(report, ("KNOWN",))
+    if known:
+        lines += ["## Known failures (do not fail the run unless --strict)", ""]
+        lines.append(tabulate([[x["case_id"], x["impl"], x["tensor"], x["rule"], _fmt(x["ratio"]), x["reason"][-160:]]
+                               for x in known], headers=["case", "impl", "tensor", "level", "error/scale", "evidence"],
+                              tablefmt="github"))
+        lines.append("")
+    lines += _known_entries(report) + _canary_section(report) + _pass_table(report) + _unsupported(report)
+    lines += _reliability(report)
+    lines += ["## Fingerprint", "", "```json", json.dumps(fp, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per known-failures entry: tensors it matched and how many it absorbed (KNOWN)."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "known": 0})
+    for r in report["results"]:
+        for t in r["tensors"].values():
+            if t.get("known_entry"):
+                out[t["known_entry"]]["matched"] += 1
+                out[t["known_entry"]]["known"] += t["status"] == "KNOWN"
+    return dict(out)
+
+
+def _known_entries(report: dict[str, Any]) -> list[str]:
+    summary = known_entry_summary(report)
+    if not summary:
+        return []
+    rows = [[entry, v["matched"], v["known"], "FIXED? matched, none failing: the entry can go" if not v["known"] else "still failing"]
+            for entry, v in sorted(summary.items())]
+    return ["## Known-failure entries", "", tabulate(rows, headers=["entry", "matched", "known", "state"],
+                                                     tablefmt="github"), ""]
+
+
+def _canary_section(report: dict[str, Any]) -> list[str]:
+    canary = [r for r in report["results"] if r.get("canary")]
+    if not canary:
+        return []
+    ok = report["summary"]["canary_failed_as_expected"]
+    head = ("## Canary: failed as expected (the pipeline can fail on this device)" if ok else
+            "## CANARY PASSED: this pipeline cannot fail on this device; its PASSes mean nothing")
+    rows = [[r["case_id"], r["impl"], r["status"]] for r in canary]
+    return [head, "", tabulate(rows, headers=["case", "canary", "status"], tablefmt="github"), ""]
+
+
+def _pass_table(report: dict[str, Any]) -> list[str]:
+    """Worst tensor-level error/scale per implementation x dtype x tensor, over judged results."""
+    worst: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for r in report["results"]:
+        if r.get("canary"):
+            continue
+        dtype = report["cases"].get(r["case_id"], {}).get("case", {}).get("dtype", "?")
+        for tname, t in r["tensors"].items():
+            ratio = ((t.get("metrics") or {}).get("levels", {}).get("tensor", {}) or {}).get("ratio")
+            if ratio is not None:
+                key = (r["impl"], dtype)
+                worst[key][tname] = max(worst[key].get(tname, 0.0), ratio)
+    if not worst:
+        return []
+    rows = [[impl, dtype, *(_fmt(v.get(t), ".2f") for t in ("out", "dq", "dk", "dv"))]
+            for (impl, dtype), v in sorted(worst.items())]
+    return ["## Worst tensor-level error/scale per implementation", "",
+            tabulate(rows, headers=["impl", "dtype", "out", "dq", "dk", "dv"], tablefmt="github"), ""]
+
+
+def _unsupported(report: dict[str, Any]) -> list[str]:
+    reasons: dict[tuple[str, str], int] = defaultdict(int)
+    for r in report["results"]:
+        if r["status"] == "UNSUPPORTED":
+            reasons[(r["impl"], r["error"][:160])] += 1
+    unavailable = report["settings"].get("unavailable", {})
+    if not reasons and not unavailable:
+        return []
+    rows = [[impl, n, why] for (impl, why), n in sorted(reasons.items())]
+    rows += [[impl, "all", f"not available on this device: {why}"] for impl, why in sorted(unavailable.items())]
+    return ["## Unsupported (torch's reason)", "", tabulate(rows, headers=["impl", "cases", "reason"], tablefmt="github"), ""]
+
+
+def _reliability(report: dict[str, Any]) -> list[str]:
+    """Order dependence of FAILs (re-run alone) and --repeat determinism."""
+    return order_section(report) + determinism_section(report)
+
+
+def order_section(report: dict[str, Any]) -> list[str]:
+    rows = [[r["case_id"], r["impl"], order.get("alone", "—"), order["summary"]]
+            for r in report["results"] if (order := (r.get("notes") or {}).get("order"))]
+    if not rows:
+        return []
+    return ["## Order dependence: each FAIL re-run alone in a fresh process", "",
+            tabulate(rows, headers=["case", "impl", "alone", "finding"], tablefmt="github"), ""]
+
+
+def determinism_section(report: dict[str, Any]) -> list[str]:
+    """Only when the run repeated kernels (`--repeat N`): information, not a verdict."""
+    repeated = [r for r in report["results"] if (r.get("notes") or {}).get("determinism")]
+    if not repeated:
+        return []
+    rows = [[r["case_id"], r["impl"], tensor, f"{d['differing_runs']}/{d['runs'] - 1}",
+             "inf" if d["max_abs_diff"] is None else f"{d['max_abs_diff']:.3g}"]
+            for r in repeated for tensor, d in sorted(r["notes"]["determinism"].items()) if not d["deterministic"]]
+    head = "## Determinism (--repeat): information, not a verdict"
+    if not rows:
+        return [head, "", "Every repeated kernel gave bitwise identical results on every run.", ""]
+    return [head, "", tabulate(rows, headers=["case", "impl", "tensor", "runs differing", "max |diff|"],
+                               tablefmt="github"), ""]

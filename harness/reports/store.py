@@ -1,0 +1,187 @@
+"""The one store of saved runs: JSONL streams written as results complete, and report files.
+
+A run directory holds `<label>.jsonl` (the stream: a header, then case and result records),
+`<label>.json` (the report, schema 1, self-describing: fingerprint, settings, cases, results)
+and `<label>.md`. Everything that writes, finds or loads them goes through here, and a report
+is recognised one way: a JSON object with the schema's top-level keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+REPORT_KEYS = ("schema_version", "fingerprint", "settings", "cases", "results")
+
+
+class ReportError(ValueError):
+    """A file that cannot be read as a gqa-harness report; one line naming the file."""
+
+
+class StreamError(ValueError):
+    """--resume on a stream written by another environment or device (bad input: exit 2)."""
+
+
+def clean_json(obj: Any) -> Any:
+    """Non-finite floats become null (JSON has no Inf/NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+# --- streams -------------------------------------------------------------------------------------
+
+
+class JsonlSink:
+    """Append-only stream of records; each line is flushed so a killed run keeps what it wrote."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("a", encoding="utf-8")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(clean_json(record), allow_nan=False, default=_json_default) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _json_default(obj: Any) -> Any:
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)  # tensors and arrays in notes
+
+
+def read_stream(path: Path) -> list[dict[str, Any]]:
+    """Records of a stream; a torn last line (killed mid-write) is dropped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def repair_stream(path: Path) -> None:
+    """Cut a torn last line (a run killed mid-write) so appended records start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def done_results(records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(case id, implementation) pairs a stream already has a result for: what --resume skips."""
+    return {(r["case_id"], r["impl"]) for r in records if r.get("type") == "result"}
+
+
+# Fingerprint fields a resumed run must share with the stream it continues.
+RESUME_KEYS = ("device_label", "torch", "cuda", "hip", "cudnn", "harness")
+
+
+def open_stream(path: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[JsonlSink, set[tuple[str, str]]]:
+    """The sink for a run and what it may skip. Fresh: the old stream goes, a header record starts the
+    new one. Resume: a torn last line is cut, the header checked, finished results are skipped."""
+    header = {"type": "run", "fingerprint": {k: fingerprint.get(k) for k in RESUME_KEYS}}
+    if not resume or not path.exists():
+        path.unlink(missing_ok=True)
+        sink = JsonlSink(path)
+        sink(header)
+        return sink, set()
+    repair_stream(path)
+    records = read_stream(path)
+    old = next((r for r in records if r.get("type") == "run"), None)
+    if old is not None:
+        diff = [k for k in RESUME_KEYS if old["fingerprint"].get(k) != header["fingerprint"][k]]
+        if diff:
+            k = diff[0]
+            raise StreamError(f"--resume: {path} was written with {k}={old['fingerprint'].get(k)!r}, this run has "
+                              f"{k}={header['fingerprint'][k]!r}; use another --out or drop --resume")
+    return JsonlSink(path), done_results(records)
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    json: Path
+    report: dict[str, Any]
+
+    @property
+    def markdown(self) -> Path | None:
+        md = self.json.with_suffix(".md")
+        return md if md.is_file() else None
+
+    @property
+    def label(self) -> str:
+        return str(self.report["fingerprint"].get("device_label") or self.json.stem)
+
+
+def write_report(out: Path, report: dict[str, Any], markdown: str) -> Path:
+    """`<label>.json` and `<label>.md` in `out`; returns the Markdown's path."""
+    label = report["fingerprint"].get("device_label", "unknown")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{label}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    md = out / f"{label}.md"
+    md.write_text(markdown)
+    return md
+
+
+def stream_path(out: Path, label: str) -> Path:
+    return out / f"{label}.jsonl"
+
+
+def write_stream(path: Path, records: list[dict[str, Any]]) -> None:
+    """A whole stream at once (a merge of parts); JsonlSink appends while a run goes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def missing_keys(data: Any) -> list[str]:
+    """The report keys `data` lacks (all of them when it is not a JSON object)."""
+    return [k for k in REPORT_KEYS if not isinstance(data, dict) or k not in data]
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such report") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: not a JSON report ({type(exc).__name__}: {exc})") from None
+    missing = missing_keys(report)
+    if missing:
+        raise ReportError(f"{path}: not a gqa-harness report (missing {', '.join(missing)})")
+    return report
+
+
+def find_reports(paths: list[Path], recursive: bool = False) -> list[SavedRun]:
+    """Reports among `paths`: files, or the *.json in directories (their subdirectories too when
+    `recursive`); JSON files that are not reports (bench, calibration, noise bands) are passed over."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.rglob("*.json") if recursive else path.glob("*.json"))
+        elif path.suffix == ".md":
+            files.append(path.with_suffix(".json"))
+        else:
+            files.append(path)
+    found = []
+    for f in files:
+        try:
+            found.append(SavedRun(f, load_report(f)))
+        except ReportError:
+            continue
+    return found

@@ -1,0 +1,243 @@
+"""The text of a standalone repro script for one (case, implementation, tensor).
+
+The script imports only torch (and the user's module for a user kernel). It rebuilds the
+inputs from the seed exactly as harness/inputs.py does (or loads them from inputs.pt beside
+it when the case has a mask or bent value distributions, which would take more lines to
+explain than a file), checks their SHA-256 against the harness's, runs the kernel forward
+and backward with the backend pinned, computes the fp64 reference and the low-precision
+reference (the harness's four accepted fp32-accumulating designs) inline, prints error vs
+the dtype floor and the reference per level and per (batch, head), and exits 1 while the
+error is beyond the harness's factor at some level, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+from ..core.case import Case
+from ..core.inputs import Inputs
+from ..core.oracle import softmax_scale
+from ..core.verdict import Tolerances
+
+BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+TORCH_DTYPE = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+
+
+class ReproError(ValueError):
+    """This (case, implementation) cannot be written as a standalone script; one line why."""
+
+
+def inline_inputs(case: Case) -> bool:
+    """Inputs rebuilt from the seed in the script (else loaded from inputs.pt)."""
+    return not case.has_mask and case.values in ("normal", "uniform")
+
+
+def backend_of(impl: str) -> tuple[str, bool] | None:
+    """(SDPBackend name or "" for unpinned, whether kv is expanded by hand) for a built-in, else None."""
+    if impl == "sdpa-default":
+        return "", False
+    for prefix, expanded in (("sdpa-", False), ("expanded-kv-", True)):
+        if impl.startswith(prefix) and impl[len(prefix):] in BACKENDS:
+            return BACKENDS[impl[len(prefix):]], expanded
+    return None
+
+
+def _layout(case: Case, role: str, name: str) -> str:
+    if case.layout == "kv-expanded" and role in ("k", "v"):
+        return f"{name}.expand(B, HQ, *{name}.shape[2:])"
+    if (case.layout == "blhd" and role in "qkv") or (case.layout == "v-noncontig" and role == "v") or (
+            case.layout == "grad-out-noncontig" and role == "do"):
+        return f"{name}.transpose(1, 2).contiguous().transpose(1, 2)"
+    return name
+
+
+def _call(case: Case, impl: str, user: str | None) -> tuple[list[str], str]:
+    """Import lines and the forward call, with attn_mask / is_causal as the harness passes them."""
+    bottom_right = case.causal == "bottom-right"
+    materialise = user is not None or (case.causal != "none" and case.has_mask)
+    if case.causal == "top-left" and not case.has_mask:
+        mask_arg, causal_arg = "None", "True"
+    elif case.causal == "none":
+        mask_arg, causal_arg = ("MASK.to(DEVICE)" if case.has_mask else "None"), "False"
+    elif bottom_right and not case.has_mask and not materialise:
+        mask_arg, causal_arg = "causal_lower_right(LQ, LK)", "False"
+    elif not case.has_mask:
+        mask_arg, causal_arg = "KEEP.to(DEVICE)", "False"
+    else:
+        mask_arg = "(MASK & KEEP if MASK.dtype == torch.bool else MASK.masked_fill(~KEEP, float('-inf'))).to(DEVICE)"
+        causal_arg = "False"
+    scale = "None" if case.scale is None else repr(case.scale)
+    imports = ["import torch.nn.functional as F", "from torch.nn.attention import SDPBackend, sdpa_kernel"]
+    if mask_arg.startswith("causal_lower_right"):
+        imports.append("from torch.nn.attention.bias import causal_lower_right")
+    if user is not None:
+        module, _, attr = user.partition(":")
+        imports = ["sys.path.insert(0, os.getcwd())  # the user's module, importable where they run it",
+                   f"import {module} as user_module"]
+        return imports, (f"out = user_module.{attr}(query=qa, key=ka, value=va, attn_mask={mask_arg}, dropout_p=0.0, "
+                         f"is_causal={causal_arg}, scale={scale}, enable_gqa=HQ != HKV)")
+    found = backend_of(impl)
+    if found is None:
+        raise ReproError(f"repro writes scripts for sdpa-*, expanded-kv-* and user kernels, not {impl!r}")
+    backend, expanded = found
+    kv = "ka.repeat_interleave(HQ // HKV, 1), va.repeat_interleave(HQ // HKV, 1)" if expanded else "ka, va"
+    call = (f"F.scaled_dot_product_attention(qa, {kv}, attn_mask={mask_arg}, is_causal={causal_arg}, "
+            f"scale={scale}, enable_gqa={'False' if expanded else 'HQ != HKV'})")
+    if backend:
+        return imports, f"with sdpa_kernel([SDPBackend.{backend}]):  # the backend under test, pinned\n    out = {call}"
+    return imports, f"out = {call}  # unpinned: dispatch picks the backend"
+
+
+def _replay(after: list[tuple[Case, str]], user: str | None) -> tuple[list[str], list[str]]:
+    """Imports and lines that replay the calls which preceded an order-dependent failure."""
+    if not after:
+        return [], []
+    lines = [
+        "",
+        "def replay(shape, seed, dtype, causal, scale, run):  # a call that ran before the failing one, same process",
+        "    g = torch.Generator().manual_seed(seed)",
+        "    b, hq, hkv, lq, lk, d, dv = shape",
+        "    q, k, v = (torch.randn(b, h, n, e, generator=g).to(dtype).to(DEVICE).requires_grad_()",
+        "               for h, n, e in ((hq, lq, d), (hkv, lk, d), (hkv, lk, dv)))",
+        "    do = torch.randn(b, hq, lq, dv, generator=g).to(dtype).to(DEVICE)",
+        "    torch.autograd.grad(run(q, k, v, causal, scale), (q, k, v), do)",
+        "",
+        "def pinned(backend, expand):",
+        "    def run(q, k, v, causal, scale):",
+        "        if expand:",
+        "            k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)",
+        "        with sdpa_kernel([backend]) if backend else contextlib.nullcontext():",
+        "            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])",
+        "    return run",
+        "",
+    ]
+    imports = ["import contextlib", "import torch.nn.functional as F", "from torch.nn.attention import SDPBackend, sdpa_kernel"]
+    for case, impl in after:
+        if not inline_inputs(case) or case.causal == "bottom-right" or case.layout != "bhld":
+            raise ReproError(f"cannot replay {case.id}: only unmasked, bhld, non-bottom-right calls are replayed")
+        found = backend_of(impl)
+        if found is not None:
+            run = f"pinned({'SDPBackend.' + found[0] if found[0] else 'None'}, {found[1]})"
+        elif impl == user:
+            attr = impl.partition(":")[2]
+            run = (f"lambda q, k, v, c, s: user_module.{attr}(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, "
+                   "is_causal=c, scale=s, enable_gqa=q.shape[1] != k.shape[1])")
+        else:
+            raise ReproError(f"cannot replay {impl!r}: only built-in SDPA paths and the failing user kernel are replayed")
+        shape = (case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, case.head_dim, case.value_dim)
+        lines.append(f"replay({shape}, {case.seed}, {TORCH_DTYPE[case.dtype]}, {case.causal == 'top-left'}, "
+                     f"{case.scale!r}, {run})  # {case.id} {impl}")
+    return imports, lines
+
+
+def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
+                  user: str | None = None, after: list[tuple[Case, str]] | None = None) -> str:
+    """`after`: (case, implementation) calls to replay first, for an order-dependent failure."""
+    case = inputs.case
+    imports, call = _call(case, impl, user)
+    replay_imports, replay = _replay(after or [], user)
+    imports = [*imports, *(i for i in replay_imports if i not in imports)]
+    pinned = backend_of(impl)
+    rules = {lv: (tol.rule(case.dtype, lv).factor, tol.rule(case.dtype, lv).min_count) for lv in ("tensor", "slice", "row")}
+    draw = "torch.rand" if case.values == "uniform" else "torch.randn"
+    if inline_inputs(case):
+        make = [
+            f"g = torch.Generator().manual_seed({case.seed})  # the harness's draws, in its order, then quantized",
+            f"q, k, v = ({draw}(B, h, n, d, generator=g) for h, n, d in ((HQ, LQ, D), (HKV, LK, D), (HKV, LK, DV)))",
+            "do = torch.randn(B, HQ, LQ, DV, generator=g)",
+            "q, k, v, do = (t.to(DTYPE) for t in (q, k, v, do))",
+            "MASK = None",
+        ]
+    else:
+        make = ["t = torch.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'inputs.pt'))  # saved beside",
+                "q, k, v, do, MASK = t['q'], t['k'], t['v'], t['grad_out'], t.get('mask')"]
+    keep = "None"
+    if case.causal != "none":
+        offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
+        keep = f"torch.arange(LK)[None, :] <= torch.arange(LQ)[:, None] + {offset}  # causal ({case.causal})"
+    hashes = inputs.hashes()
+    lines = [
+        "#!/usr/bin/env python3",
+        f'"""{header}',
+        "",
+        "Exits 1 while the bug is present, 0 once the error is within what a correct kernel reaches.",
+        '"""',
+        "import hashlib, os, sys",
+        "import torch",
+        *imports,
+        "",
+        f"DEVICE = sys.argv[1] if len(sys.argv) > 1 else {device!r}",
+        f"DTYPE, T = {TORCH_DTYPE[case.dtype]}, {tensor!r}  # the tensor that is wrong",
+        f"B, HQ, HKV, LQ, LK, D, DV = {case.batch}, {case.q_heads}, {case.kv_heads}, {case.q_len}, {case.kv_len}, "
+        f"{case.head_dim}, {case.value_dim}",
+        f"SCALE = {softmax_scale(case)!r}",
+        f"FACTORS = {rules!r}  # level: (factor, min elements per unit), from harness/tolerances.toml",
+        f"HASHES = {hashes!r}",
+        *make,
+        f"KEEP = {keep}",
+        "sha = lambda t: hashlib.sha256(f'{tuple(t.shape)}|{t.dtype}|'.encode() + bytes((t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous().view(torch.uint8)).flatten().tolist())).hexdigest()",
+        "named = {'q': q, 'k': k, 'v': v, 'grad_out': do, **({'mask': MASK} if MASK is not None else {})}",
+        "if any(sha(x) != HASHES[n] for n, x in named.items()):",
+        "    print('note: these inputs differ from the harness run (torch RNG stream changed?)')",
+        "",
+        *(["torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)  # as the harness pins it"]
+          if pinned and pinned[0] == "MATH" else []),
+        *replay,
+        "leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]",
+        *(["# the kernel gets (B, H, L, D) views of (B, L, H, D) storage, as HF models pass them"]
+          if case.layout in ("blhd", "v-noncontig", "grad-out-noncontig") else []),
+        f"qa, ka, va = {_layout(case, 'q', 'leaves[0]')}, {_layout(case, 'k', 'leaves[1]')}, "
+        f"{_layout(case, 'v', 'leaves[2]')}",
+        call,
+        (f"grads = torch.autograd.grad(out, leaves, {_layout(case, 'do', 'do.to(DEVICE)')})"
+         if case.grads else "grads = (None, None, None)  # forward-only case"),
+        "got = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))[T].detach().cpu().double()",
+        "",
+        "def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False):",
+        "    \"\"\"fp64 and no rounding: the truth. fp32 with roundings: a correct bf16/fp16 kernel (rp: P before",
+        "    P·V and P^T·dO; rds: dS before its GEMMs; ro: O as stored in D = rowsum(dO*O); rh: per-head dK/dV).\"\"\"",
+        "    r = lambda t, on=True: t.to(DTYPE).to(compute) if lowp and on else t",
+        "    G = HQ // HKV",
+        "    q_, k_, v_, do_ = (t.to(compute) for t in (q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), do))",
+        "    s = q_ @ k_.transpose(-1, -2) * SCALE",
+        "    if MASK is not None:",
+        "        s = s.masked_fill(~MASK, float('-inf')) if MASK.dtype == torch.bool else s + MASK.to(compute)",
+        "    if KEEP is not None:",
+        "        s = s.masked_fill(~KEEP, float('-inf'))",
+        "    m = s.amax(-1, keepdim=True)",
+        "    p = (s - m.masked_fill(m == float('-inf'), 0)).exp()",
+        "    l = p.sum(-1, keepdim=True).clamp_min(1)  # l >= 1 on live rows; rows with no visible key are 0",
+        "    o = r(p, rp) @ v_ / l",
+        "    p = p / l",
+        "    ds = p * (do_ @ v_.transpose(-1, -2) - (do_ * r(o, ro)).sum(-1, keepdim=True))",
+        "    dk = r(r(ds, rds).transpose(-1, -2) @ q_ * SCALE, rh).view(B, HKV, G, LK, D).sum(2)",
+        "    dv = r(r(p, rp).transpose(-1, -2) @ do_, rh).view(B, HKV, G, LK, DV).sum(2)",
+        "    return {'out': r(o), 'dq': r(r(ds, rds) @ k_ * SCALE), 'dk': r(dk), 'dv': r(dv)}[T].double()",
+        "",
+        "truth = attention(torch.float64)",
+        "designs = [dict(rp=1, rds=1, ro=1), dict(rp=1, rds=1, ro=1, rh=1), dict(ro=1), dict(rp=1, rds=1)]",
+        "lowprec = [attention(torch.float32, True, **d) for d in designs]",
+        "rms = lambda t: t.double().pow(2).mean().sqrt().item()",
+        "dp = rms(do) * rms(v) * DV ** 0.5",
+        "mag = {'out': rms(v), 'dv': rms(do), 'dq': SCALE * dp * rms(k), 'dk': SCALE * dp * rms(q)}[T]",
+        "sq = lambda t: t.pow(2).sum(-1)  # per row",
+        "norms = {'tensor': lambda t: sq(t).sum().sqrt(), 'slice': lambda t: sq(t).sum(-1).sqrt(), 'row': lambda t: sq(t).sqrt()}",
+        "bad = not bool(torch.isfinite(got).all())",
+        "print(f'{T} of {tuple(truth.shape)} on {DEVICE}, torch {torch.__version__}; non-finite: {(~torch.isfinite(got)).sum().item()}')",
+        "print('level   error/scale  factor   rel-L2     floor      low-prec   (worst unit)')",
+        "for level, norm in norms.items():",
+        "    count = {'tensor': got.numel(), 'slice': got.shape[-2] * got.shape[-1], 'row': got.shape[-1]}[level]",
+        "    err, floor = norm(got - truth), norm(truth.to(DTYPE).double() - truth)",
+        "    ref = torch.stack([norm(x - truth) for x in lowprec]).amax(0)",
+        "    ratio = err / torch.maximum(torch.maximum(floor, ref), torch.full_like(err, 2 ** -24 * mag * count ** 0.5))",
+        "    i = int(ratio.flatten().nan_to_num(float('inf')).argmax())",
+        "    at = [int(x) for x in torch.unravel_index(torch.tensor(i), ratio.shape)] if ratio.dim() else []",
+        "    rel = err.flatten()[i] / norm(truth).flatten()[i].clamp_min(1e-300)",
+        "    judged = count >= FACTORS[level][1]",
+        "    bad |= judged and ratio.flatten()[i].item() > FACTORS[level][0]",
+        "    print(f'{level:7} {ratio.flatten()[i]:11.3g}  {FACTORS[level][0] if judged else \"-\":6}  {rel:.2e}  '",
+        "          f'{floor.flatten()[i]:.2e}  {ref.flatten()[i]:.2e}  {at}')",
+        "    if level == 'slice':",
+        "        print('  per (batch, head) error/scale:', ' '.join(f'b{b}h{h}={ratio[b, h]:.3g}' for b in range(ratio.shape[0]) for h in range(ratio.shape[1])))",
+        "print(('BUG: ' if bad else 'OK: ') + f'{T} is ' + ('beyond' if bad else 'within') + ' what a correct kernel reaches')",
+        "sys.exit(1 if bad else 0)",
+    ]
+    return "\n".join(lines) + "\n"

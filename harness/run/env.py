@@ -1,0 +1,175 @@
+"""Device facts and the environment fingerprint written into every report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..implementations import DeviceFacts
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_facts(device: str | None = None) -> DeviceFacts:
+    """Facts about `device` ("cpu", "cuda", "cuda:N"; ROCm devices are "cuda" to torch)."""
+    device = device or default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return DeviceFacts(device="cpu", kind="cpu", name=platform.processor() or platform.machine(),
+                           arch=platform.machine())
+    if dev.type != "cuda":
+        raise DeviceError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} is not there: torch.cuda.is_available() is False")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} is not there: {torch.cuda.device_count()} GPU(s) visible")
+    props = torch.cuda.get_device_properties(index)
+    return gpu_facts(f"cuda:{index}", props, torch.version.hip)
+
+
+def gpu_facts(device: str, props: object, hip_version: str | None) -> DeviceFacts:
+    """Pure: facts from device properties (injected in tests to fake CUDA and ROCm GPUs)."""
+    if hip_version:
+        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
+        return DeviceFacts(device=device, kind="rocm", name=str(getattr(props, "name", "")), arch=arch)
+    major, minor = getattr(props, "major", 0), getattr(props, "minor", 0)
+    return DeviceFacts(device=device, kind="cuda", name=str(getattr(props, "name", "")), arch=f"sm_{major}{minor}")
+
+
+def device_label(facts: DeviceFacts) -> str:
+    """Short stable label for file names and matrix columns: cpu-x86_64, cuda-sm_90, rocm-gfx942."""
+    return f"{facts.kind}-{facts.arch}".replace(" ", "_") if facts.arch else facts.kind
+
+
+def cudnn_version(raw: int | None) -> str | None:
+    """torch reports cuDNN as an int: 91900 is 9.19.0 (9.x: M*10000+m*100+p), 8907 is 8.9.7 (8.x: M*1000+m*100+p)."""
+    if raw is None:
+        return None
+    raw = int(raw)
+    if raw >= 90000:
+        return f"{raw // 10000}.{raw % 10000 // 100}.{raw % 100}"
+    return f"{raw // 1000}.{raw % 1000 // 100}.{raw % 100}"
+
+
+def rocm_fa_library() -> str | None:
+    """Which ROCm flash library SDPA uses ("aotriton" or "ck"); None off ROCm."""
+    getter = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
+    if not torch.version.hip or getter is None:
+        return None
+    try:
+        return str(getter()).split(".")[-1].lower()
+    except Exception:  # noqa: BLE001 - only meaningful on ROCm builds
+        return None
+
+
+def environment_versions() -> dict[str, str | None]:
+    """The versions known-failure entries can be ranged on, from this process's torch."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip,
+            "cudnn": cudnn_version(cudnn), "rocm_fa_library": rocm_fa_library()}
+
+
+def math_reduction_allowed() -> bool | None:
+    getter = getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)
+    return bool(getter()) if getter else None
+
+
+def pin_math_reduction(allowed: bool = False) -> bool | None:
+    """The math backend may reduce fp16/bf16 in low precision; a process-global flag, so pin it."""
+    setter = getattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp", None)
+    if setter is not None:
+        setter(allowed)
+    return math_reduction_allowed()
+
+
+def pin_process_state() -> dict[str, Any]:
+    """Set the process-global settings that change numerics to what every result assumes, and return
+    them for the fingerprint. Called once per process that runs kernels (the session's, each worker)."""
+    return {"math_fp16_bf16_reduction_allowed": pin_math_reduction(False)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def rocm_version(environ: dict[str, str] | None = None) -> str | None:
+    """The ROCm release installed (not the HIP version torch was built with): the file every
+    ROCm install writes, under $ROCM_PATH or /opt/rocm, as in AMD's rocm/pytorch images."""
+    root = (os.environ if environ is None else environ).get("ROCM_PATH") or "/opt/rocm"
+    try:
+        with open(os.path.join(root, ".info", "version")) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _rocm_facts() -> dict[str, object]:
+    facts: dict[str, object] = {"hip": torch.version.hip, "rocm": rocm_version()}
+    getter = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
+    if getter is not None:
+        try:
+            facts["rocm_fa_library"] = str(getter())
+        except Exception as exc:  # noqa: BLE001 - only meaningful on ROCm builds
+            facts["rocm_fa_library"] = f"unknown ({type(exc).__name__})"
+    for var in ("TORCH_ROCM_FA_PREFER_CK", "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", "HIP_VISIBLE_DEVICES"):
+        if var in os.environ:
+            facts[var] = os.environ[var]
+    return facts
+
+
+def fingerprint(facts: DeviceFacts) -> dict[str, object]:
+    fp: dict[str, object] = {
+        "harness": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "cuda": torch.version.cuda,
+        "hip": torch.version.hip,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": facts.device,
+        "device_kind": facts.kind,
+        "device_name": facts.name,
+        "device_arch": facts.arch,
+        "device_label": device_label(facts),
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "math_fp16_bf16_reduction_allowed": math_reduction_allowed(),
+    }
+    if facts.kind == "cuda" and torch.cuda.is_available():
+        fp["driver"] = _nvidia_driver()
+    if facts.kind == "rocm":
+        fp.update(_rocm_facts())
+    return fp
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
