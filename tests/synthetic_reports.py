@@ -13,8 +13,9 @@ import tempfile
 from harness.core.case import Case, case_spec
 from harness.implementations.user import implementation_from_callable
 from harness.reports.report import build_report
-from harness.run.plan import JsonlSink, read_stream, run_one
-from tests.helpers import CPU, cached_references, tolerances
+from harness.reports.store import JsonlSink, read_stream
+from harness.run.session import run_one
+from tests.helpers import cached_references, session
 from tests import repro_kernels
 
 # Tiny but judged at every level (tensor and slice >= 256 elements, rows of 64).
@@ -35,7 +36,7 @@ DEVICES = {
 def _records(case: Case, kernel: str, impl_name: str) -> tuple[dict, dict]:
     refs = cached_references(case)
     impl = implementation_from_callable(KERNELS[kernel], impl_name)
-    result = run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
+    result = run_one(session(), refs, impl)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.jsonl"
         sink = JsonlSink(path)

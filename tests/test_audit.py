@@ -13,7 +13,7 @@ from harness.cli import main
 from harness.implementations import DeviceFacts
 from harness.core.lowprec import designs
 
-from .helpers import CPU, tolerances
+from .helpers import CPU, session, tolerances
 
 SMALL = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
 MHA = SMALL.replace(kv_heads=4)
@@ -33,7 +33,7 @@ def test_native_cpu_flash_is_known_good_only_without_gqa():
 
 
 def test_the_audit_reports_the_margin_per_dtype_tensor_level_and_sources():
-    tally = run_audit(audit_cases([MHA], seeds=1), CPU, tolerances(), [], "cpu-test")
+    tally = run_audit(audit_cases([MHA], seeds=1), session())
     sources = {s for s, _ in tally.by_source}
     assert {"expanded-kv-flash", "sdpa-flash"} <= sources
     assert {f"lowprec:{d.name}" for d in designs(torch.bfloat16)} <= sources
@@ -49,7 +49,7 @@ def test_the_audit_reports_the_margin_per_dtype_tensor_level_and_sources():
 
 
 def test_the_audit_can_raise_an_alarm_on_a_wrong_kernel():
-    tally = run_audit(audit_cases([SMALL.replace(q_heads=8)], seeds=1), CPU, tolerances(), [], "cpu-test",
+    tally = run_audit(audit_cases([SMALL.replace(q_heads=8)], seeds=1), session(),
                       impl_names=["canary-tiled-kv"])
     assert any(a["source"] == "canary-tiled-kv" and a["status"] == "FAIL" for a in tally.alarms)
     assert max(p.ratio for p in tally.peaks.values()) > 10
@@ -67,7 +67,7 @@ def test_audit_command_writes_its_report(tmp_path, capsys):
 
 
 def test_kernels_and_designs_have_their_own_margins():
-    tally = run_audit(audit_cases([MHA], seeds=1), CPU, tolerances(), [], "cpu-test")
+    tally = run_audit(audit_cases([MHA], seeds=1), session())
     both, kernels, designs_only = (summary(tally, tolerances(), k) for k in (None, "kernel", "design"))
     for row in both:
         parts = [r["max_ratio"] for r in kernels + designs_only

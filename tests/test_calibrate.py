@@ -13,6 +13,7 @@ from harness.lab.calibrate import (AXES, CALIBRATION_SEED_BASE, SCHEMA, GridCase
 from harness.core.case import Case
 from harness.cli import main
 from harness.run.env import device_facts, fingerprint
+from harness.run.session import Session
 from harness.core.metrics import LEVELS
 from harness.core.verdict import load_tolerances
 
@@ -59,7 +60,7 @@ def test_margins_never_count_a_counter_example_as_a_correct_kernel():
 
 
 def test_levels_the_verdict_would_not_judge_have_no_ratio():
-    from harness.run.plan import references
+    from harness.core.references import references
 
     refs = references(TINY.replace(seed=CALIBRATION_SEED_BASE))
     from harness.core.metrics import tensor_metrics
@@ -71,11 +72,11 @@ def test_levels_the_verdict_would_not_judge_have_no_ratio():
 
 
 def test_calibration_json_has_the_shape_the_tolerance_file_and_summary_read():
-    facts, tol = device_facts("cpu"), load_tolerances()
+    tol = load_tolerances()
     grid = [GridCase(TINY.replace(kv_heads=4), ("group_size",)), GridCase(TINY, ("group_size",))]
     plan = calibration_plan(grid, [TINY.replace(causal="top-left", q_heads=2)], seeds=1)
-    rows, errors = run_calibration(plan, facts, tol, "cpu-x86_64")
-    report = build_calibration(rows, errors, fingerprint(facts), tol, {"seeds": 1})
+    rows, errors = run_calibration(plan, Session.open("cpu"))
+    report = build_calibration(rows, errors, fingerprint(device_facts("cpu")), tol, {"seeds": 1})
     json.dumps(report, allow_nan=False)
     assert report["schema"] == SCHEMA and report["device_label"] == "cpu-x86_64"
     assert {"fingerprint", "settings", "tolerances", "margins", "distribution", "trends", "errors", "samples"} <= set(report)

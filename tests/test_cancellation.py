@@ -8,7 +8,8 @@ import torch
 from harness.core.case import Case
 from harness.core.metrics import tensor_metrics
 from harness.core.oracle import Rounding, attention
-from harness.core.verdict import Status, judge_metrics, load_tolerances
+from harness.core.results import Status
+from harness.core.verdict import judge_metrics, load_tolerances
 
 from .helpers import cached_references
 

@@ -1,4 +1,4 @@
-"""harness/ci.py and `gqa-harness summary`: the job summary never exceeds GitHub's 1 MiB
+"""harness/reports/summary.py and `gqa-harness summary`: the job summary never exceeds GitHub's 1 MiB
 step limit (cut at a line, with a note naming the artifact), artifact names are unique
 and safe, and a missing report is said, not passed over."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.reports.summary import (SUMMARY_LIMIT, SummaryError, artifact_name, compose, find_reports, slug, step_outputs,
+from harness.reports.summary import (SUMMARY_LIMIT, SummaryError, artifact_name, compose, summary_pages, slug, step_outputs,
                         summarize, trim, trim_note)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def fake_report(directory: Path, label: str = "cuda-sm_90", markdown: str = "# gqa-harness report\n") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{label}.json").write_text(json.dumps({"fingerprint": {"device_label": label}}))
+    report = {"schema_version": 1, "fingerprint": {"device_label": label}, "settings": {}, "cases": {}, "results": []}
+    (directory / f"{label}.json").write_text(json.dumps(report))
     (directory / f"{label}.md").write_text(markdown)
     return directory / f"{label}.md"
 
@@ -47,7 +48,7 @@ def test_a_note_longer_than_the_limit_is_itself_cut_to_the_limit():
 
 def test_over_the_real_limit_the_summary_names_the_artifact_with_the_full_report(tmp_path):
     md = fake_report(tmp_path, markdown="| case | ok |\n" * 120_000)  # ~1.6 MB
-    reports = find_reports([tmp_path])
+    reports = summary_pages([tmp_path])
     text = compose(reports, [tmp_path], "gqa-report-cuda-sm_90-h100", SUMMARY_LIMIT)
     assert len(text.encode()) <= SUMMARY_LIMIT < md.stat().st_size
     assert text.rstrip().endswith("The full report is in the artifact `gqa-report-cuda-sm_90-h100`.")
@@ -67,12 +68,12 @@ def test_artifact_names_are_unique_per_suffix_and_free_of_characters_upload_arti
 def test_reports_are_found_in_folders_or_by_file_and_labelled_from_their_fingerprint(tmp_path):
     fake_report(tmp_path / "models", "rocm-gfx942")
     fake_report(tmp_path / "edge", "rocm-gfx942")
-    found = find_reports([tmp_path / "models", tmp_path / "edge" / "rocm-gfx942.json"])
-    assert [r.device_label for r in found] == ["rocm-gfx942", "rocm-gfx942"]
+    found = summary_pages([tmp_path / "models", tmp_path / "edge" / "rocm-gfx942.json"])
+    assert [r.label for r in found] == ["rocm-gfx942", "rocm-gfx942"]
     outputs = step_outputs(found, "n")
     assert outputs["device-label"] == "rocm-gfx942" and outputs["report-json"] == ""  # two JSONs: no single one
     with pytest.raises(SummaryError, match="not a report"):
-        find_reports([Path(__file__)])
+        summary_pages([Path(__file__)])
 
 
 def test_summary_appends_to_what_the_step_already_wrote_and_counts_it_against_the_limit(tmp_path):

@@ -18,14 +18,15 @@ from torch.nn.attention import SDPBackend
 from harness.core.case import Case
 from harness.implementations import Implementation, builtin_implementations, resolve
 from harness.implementations.compiled import EagerFallback, compiled_forward, kernel_refusal, run_compiled
-from harness.run.plan import ImplResult, run_one
-from harness.core.verdict import Status
+from harness.core.results import ImplResult
+from harness.run.session import run_one
+from harness.core.results import Status
 
-from .helpers import CPU, cached_references, tolerances
+from .helpers import CPU, cached_references, session, tolerances
 
 
 def judge(case: Case, impl: Implementation) -> ImplResult:
-    return run_one(cached_references(case), impl, CPU, tolerances(), [], "cpu-test")
+    return run_one(session(), cached_references(case), impl)
 
 
 def test_a_call_that_compiled_no_graph_is_an_error_not_a_silent_eager_run():
@@ -63,7 +64,7 @@ def test_pinning_holds_under_compile(backend, flash_op_expected):
     case = Case(1, 4, 2, 8, 8, 16)
     refs = cached_references(case)
     impl = Implementation(name="pin", family="t", forward=compiled_forward(backend, _aten_ops_capture(ops)))
-    run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
+    run_one(session(), refs, impl)
     assert ops, "no forward graph reached the compiler"
     assert any("_scaled_dot_product_flash_attention_for_cpu" in op for op in ops) == flash_op_expected
 

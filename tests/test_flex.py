@@ -16,10 +16,11 @@ from harness.implementations import Implementation, builtin_implementations
 from harness.implementations.flex import (FlexMods, bool_mask_mod, causal_mask_mod, causal_offset, flex_forward,
                                           no_backward_reason, translate)
 from harness.core.oracle import causal_keep
-from harness.run.plan import ImplResult, run_one
-from harness.core.verdict import Status
+from harness.core.results import ImplResult
+from harness.run.session import run_one
+from harness.core.results import Status
 
-from .helpers import CPU, cached_references, tolerances
+from .helpers import CPU, cached_references, session, tolerances
 
 
 def flex_impl(translate_fn=translate, compiler: str = "eager") -> Implementation:
@@ -27,7 +28,7 @@ def flex_impl(translate_fn=translate, compiler: str = "eager") -> Implementation
 
 
 def judge(case: Case, impl: Implementation) -> ImplResult:
-    return run_one(cached_references(case), impl, CPU, tolerances(), [], "cpu-test")
+    return run_one(session(), cached_references(case), impl)
 
 
 def grid(q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:

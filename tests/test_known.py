@@ -10,10 +10,11 @@ import pytest
 
 from harness.core.case import Case
 from harness.cli import main
-from harness.core.known import (KnownFailuresError, apply_known, cudnn_version, load_known, version_matches,
-                           version_tuple)
+from harness.core.known import KnownFailuresError, load_known, version_matches, version_tuple
+from harness.core.verdict import Where, apply_known
+from harness.run.env import cudnn_version
 from harness.reports.ledger import entry_states, fixed_in_run, load_reports
-from harness.core.verdict import Status
+from harness.core.results import Status
 
 from . import wrong_kernels
 from .helpers import judge
@@ -55,9 +56,8 @@ def _absorbed(path, torch_version="2.13.0+cpu", versions=None):
     result = judge(CASE, wrong_kernels.bf16_group_sum)
     out = {}
     for name, v in result.tensors.items():
-        out[name], _ = apply_known(v, known, case_id=CASE.id, impl="k", group_size=CASE.group_size,
-                                   device_label="cpu-x86_64", torch_version=torch_version,
-                                   versions=versions or {"cuda": None})
+        where = Where("k", "cpu", "cpu-x86_64", {"cuda": None, **(versions or {}), "torch": torch_version})
+        out[name] = apply_known(v, known, CASE.id, CASE.group_size, where)
     return result, out
 
 
@@ -88,8 +88,8 @@ def test_a_failure_at_a_level_without_a_ceiling_stays_a_failure(tmp_path):
     result, _ = _absorbed(_toml(tmp_path, ENTRY.format(torch="*", ceiling=1000.0)))
     row_failure = replace(result.tensors["dk"], rule="row")  # the same failure, seen at the row level
     (entry,) = load_known(_toml(tmp_path, ENTRY.format(torch="*", ceiling=1000.0)))  # no max_row_ratio
-    verdict, _ = apply_known(row_failure, [entry], case_id=CASE.id, impl="k", group_size=CASE.group_size,
-                             device_label="cpu-x86_64", torch_version="2.13.0", versions={})
+    verdict = apply_known(row_failure, [entry], CASE.id, CASE.group_size,
+                          Where("k", "cpu", "cpu-x86_64", {"torch": "2.13.0"}))
     assert verdict.status is Status.FAIL
 
 
@@ -113,7 +113,8 @@ def _report(entry_counts: dict[str, tuple[int, int]], finished: datetime, label=
     for entry, (matched, known) in entry_counts.items():
         tensors = {f"t{i}": {"status": "KNOWN" if i < known else "PASS", "known_entry": entry} for i in range(matched)}
         results.append({"case_id": "c", "impl": entry, "status": "PASS", "tensors": tensors})
-    return {"settings": {"finished": finished.isoformat()}, "fingerprint": {"device_label": label}, "results": results}
+    return {"schema_version": 1, "settings": {"finished": finished.isoformat()}, "fingerprint": {"device_label": label},
+            "cases": {}, "results": results}
 
 
 def test_fixed_and_stale_entries_are_listed(tmp_path):

@@ -9,20 +9,21 @@ import pytest
 from harness.core.case import Case
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
-from harness.run.order import _parse_call, candidate_singles, order_section, shrink
+from harness.cli import _parse_call
+from harness.run.order import candidate_singles, shrink
+from harness.reports.report import order_section
 from harness.reports.report import build_report
 from harness.run.plan import RunPlan, execute_plan, layout_sibling_key, plan_work
-from harness.core.verdict import Status
+from harness.core.results import Status
 from harness.run.worker import Call
 
-from .helpers import CPU, tolerances
+from .helpers import CPU, session, tolerances
 
 SHAPE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
 
 
 def _plan(cases, impls, **kw) -> RunPlan:
-    return RunPlan(cases=cases, impls=impls, canaries=[], facts=CPU, tol=tolerances(), known=[],
-                   device_label="cpu-test", **kw)
+    return RunPlan(cases=tuple(cases), impls=tuple(impls), **kw)
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ def test_a_plan_cache_bug_is_reported_order_dependent_naming_the_call_before_it(
     stateful = load_user_implementation("tests.faulty_kernels:stateful")
     first, second = SHAPE, SHAPE.replace(layout="grad-out-noncontig")  # same shape, another grad_out layout
     records: list[dict] = []
-    results = {r.case_id: r for r in execute_plan(_plan([first, second], [stateful], isolate=True,
+    results = {r.case_id: r for r in execute_plan(session(), _plan([first, second], [stateful], isolate=True,
                                                         log_dir=tmp_path), records.append)}
     assert results[first.id].status is Status.PASS
     failed = results[second.id]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import pinning, plugin
+from harness import plugin
+from harness.run import pinning
 from harness.run.pinning import pinned_env, threads_per_worker, worker_index
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from harness.core.inputs import make_inputs
 from harness.repro.issue import write_repro
 from harness.repro.script import ReproError, render_script
 from harness.core.verdict import load_tolerances
-from tests.helpers import CPU
+from tests.helpers import CPU, session
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG = "tests.repro_kernels:tiled_kv_heads"
@@ -44,7 +44,7 @@ def _imports(text: str) -> set[str]:
 def wrong(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=16,d=64,causal=top-left")
-    return case, write_repro(case, load_user_implementation(WRONG), CPU, out)
+    return case, write_repro(case, load_user_implementation(WRONG), session(), out)
 
 
 def test_the_script_reproduces_in_a_fresh_interpreter_with_only_torch(wrong):
@@ -84,7 +84,7 @@ def test_issue_body_follows_the_bug_template(wrong):
 
 def test_a_masked_case_ships_its_inputs_in_a_pt_file_beside_the_script(tmp_path):
     case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=20,d=64,mask=bool,causal=bottom-right")
-    repro = write_repro(case, load_user_implementation(WRONG), CPU, tmp_path)
+    repro = write_repro(case, load_user_implementation(WRONG), session(), tmp_path)
     assert (tmp_path / "inputs.pt").exists() and "torch.load" in repro.script.read_text()
     assert run_fresh(repro.script).returncode == 1
 
@@ -102,13 +102,13 @@ def test_a_builtin_backend_is_pinned_and_a_correct_one_exits_0(tmp_path):
 def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
     case = parse_case_spec("b=1,hq=4,hkv=2,lq=16,d=64")
     with pytest.raises(ReproError, match="does not fail"):
-        write_repro(case, builtin_implementations()["sdpa-math"], CPU, tmp_path)
+        write_repro(case, builtin_implementations()["sdpa-math"], session(), tmp_path)
     with pytest.raises(ReproError, match="not 'flex"):
         render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")
 
 
 def test_plots_are_optional_and_drawn_when_matplotlib_is_there(tmp_path, monkeypatch):
-    from harness import plots
+    from harness.repro import plots
     from tests.helpers import judge
     from tests import repro_kernels
 
@@ -132,9 +132,9 @@ def test_an_order_dependent_failure_is_replayed_before_the_call(tmp_path):
     before = parse_case_spec("b=1,hq=4,hkv=2,lq=16,lk=8,d=64")
     repro_kernels.reset_stale_plan()
     with pytest.raises(ReproError, match="does not fail"):  # alone it is right
-        write_repro(target, stale, CPU, tmp_path / "alone")
+        write_repro(target, stale, session(), tmp_path / "alone")
     repro_kernels.reset_stale_plan()
-    repro = write_repro(target, stale, CPU, tmp_path, after=[(before, stale),
+    repro = write_repro(target, stale, session(), tmp_path, after=[(before, stale),
                                                              (before, builtin_implementations()["sdpa-math"])])
     text = repro.script.read_text()
     assert text.index("replay((1, 4, 2, 16, 8, 64, 64)") < text.index("out = user_module.stale_plan(")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.run.plan import open_stream, read_stream, repair_stream
+from harness.reports.store import open_stream, read_stream, repair_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [f"b=1,hq=4,hkv=2,lq={n},d=32" for n in (16, 32, 48, 64)]

@@ -16,10 +16,10 @@ from harness.core.case import Case
 from harness.run.env import gpu_facts
 from harness.implementations import Implementation, builtin_implementations
 from harness.implementations import rocm
-from harness.run.plan import run_one
-from harness.core.verdict import Status
+from harness.run.session import run_one
+from harness.core.results import Status
 
-from .helpers import CPU, cached_references, tolerances
+from .helpers import CPU, cached_references, session, tolerances
 
 MI300X = gpu_facts("cuda:0", types.SimpleNamespace(name="AMD Instinct MI300X", gcnArchName="gfx942:sramecc+:xnack-"), "6.2")
 H100 = gpu_facts("cuda:0", types.SimpleNamespace(name="H100", major=9, minor=0), None)
@@ -87,8 +87,7 @@ def test_the_library_holds_for_the_attention_forward_and_backward_and_is_restore
     pinned = rocm.pinned_kernel(SDPBackend.MATH)  # the CPU's stand-in for the ROCm flash kernel
     impl = Implementation(name="ck-test", family="t",
                           forward=rocm.library_forward("ck", lambda call: _RecordLibrary.apply(seen, pinned(call))))
-    result = run_one(cached_references(Case(2, 4, 2, 16, 24, 16, causal="bottom-right")), impl, CPU, tolerances(), [],
-                     "cpu-test")
+    result = run_one(session(), cached_references(Case(2, 4, 2, 16, 24, 16, causal="bottom-right")), impl)
     assert result.status is Status.PASS, {k: v.reason for k, v in result.tensors.items()}
     assert seen == [("forward", "ck"), ("backward", "ck")]
     assert result.notes["rocm_fa_library"] == "ck"
@@ -98,6 +97,6 @@ def test_the_library_holds_for_the_attention_forward_and_backward_and_is_restore
 def test_a_library_the_torch_does_not_take_is_unsupported_with_the_reason(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "preferred_rocm_fa_library", FakeLibrary(accepts=("default", "aotriton")))
     impl = Implementation(name="ck-test", family="t", forward=rocm.library_forward("ck", rocm.pinned_kernel(SDPBackend.MATH)))
-    result = run_one(cached_references(Case(1, 2, 1, 8, 8, 8)), impl, CPU, tolerances(), [], "cpu-test")
+    result = run_one(session(), cached_references(Case(1, 2, 1, 8, 8, 8)), impl)
     assert result.status is Status.UNSUPPORTED
     assert "preferred_rocm_fa_library('ck') not supported by this torch build" in result.error

@@ -8,10 +8,10 @@ import pytest
 
 from harness.core.case import Case, parse_case_spec
 from harness.implementations.user import implementation_from_callable
-from harness.run.plan import ImplResult
+from harness.core.results import ImplResult
 from harness.repro.shrink import ShrinkError, Signature, judge_with, neighbours, same_failure, shrink, signature_of
-from harness.core.verdict import Status, TensorVerdict
-from tests.helpers import CPU
+from harness.core.results import Status, TensorVerdict
+from tests.helpers import CPU, session
 from tests import repro_kernels
 
 FAKE = implementation_from_callable(repro_kernels.correct, "fake")
@@ -93,7 +93,7 @@ def test_signature_picks_the_worst_failure_gross_first():
 def test_a_wrong_kernel_on_a_model_size_case_shrinks_to_a_small_case_with_the_same_failure():
     """Acceptance: Llama-8B-like heads (32 query, 8 kv), d 128, B 2, 96 tokens; a kv-head mapping bug."""
     impl = implementation_from_callable(repro_kernels.tiled_kv_heads, "tests.repro_kernels:tiled_kv_heads")
-    judge = judge_with(impl, CPU)
+    judge = judge_with(impl, session())
     start = parse_case_spec("b=2,hq=32,hkv=8,lq=96,lk=96,d=128")
     result = shrink(start, impl, judge, budget_s=600)
     c = result.case

@@ -19,10 +19,11 @@ from harness.core.case import Case
 from harness.run.env import gpu_facts
 from harness.implementations import Implementation, builtin_implementations
 from harness.implementations import thirdparty
-from harness.run.plan import ImplResult, run_one
-from harness.core.verdict import Status
+from harness.core.results import ImplResult
+from harness.run.session import run_one
+from harness.core.results import Status
 
-from .helpers import CPU, cached_references, tolerances
+from .helpers import CPU, cached_references, session, tolerances
 
 CUDA = gpu_facts("cuda:0", types.SimpleNamespace(name="H100", major=9, minor=0), None)
 
@@ -61,7 +62,7 @@ def fake_flash(monkeypatch):
 def judge(case: Case, impl: Implementation) -> ImplResult:
     reason = impl.supports(case, CPU)
     assert reason is None, reason
-    return run_one(cached_references(case), impl, CPU, tolerances(), [], "cpu-test")
+    return run_one(session(), cached_references(case), impl)
 
 
 def test_absent_packages_are_unavailable_with_the_reason(monkeypatch):

@@ -14,7 +14,8 @@ import torch
 from harness.core.case import Case
 from harness.core.metrics import tensor_metrics
 from harness.core.suites import load_suite
-from harness.core.verdict import Status, judge_metrics, load_tolerances, worst_status
+from harness.core.results import Status, worst_status
+from harness.core.verdict import judge_metrics, load_tolerances
 
 from . import wrong_kernels as wk
 from .helpers import cached_references, judge

@@ -12,16 +12,18 @@ import torch
 
 from harness.core.case import Case
 from harness.run.determinism import compare_runs, run_repeated
-from harness.run.execute import Outputs
+from harness.core.results import Outputs
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
 from harness.run.memory import OomTracker, device_bytes, skip_reason
 from harness.reports.report import build_report
-from harness.run.plan import RunPlan, execute_plan, read_stream, JsonlSink, run_one
-from harness.core.verdict import Status
+from harness.reports.store import JsonlSink, read_stream
+from harness.run.plan import RunPlan, execute_plan
+from harness.run.session import run_one
+from harness.core.results import Status
 from harness.run.worker import last_words, timeout_budget
 
-from .helpers import CPU, cached_references, tolerances
+from .helpers import CPU, cached_references, session, tolerances
 
 CASE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
 
@@ -31,8 +33,7 @@ def _faulty(name: str):
 
 
 def _plan(cases, impls, **kw) -> RunPlan:
-    return RunPlan(cases=cases, impls=impls, canaries=[], facts=CPU, tol=tolerances(), known=[],
-                   device_label="cpu-test", **kw)
+    return RunPlan(cases=tuple(cases), impls=tuple(impls), **kw)
 
 
 @pytest.mark.slow
@@ -43,7 +44,7 @@ def test_faulty_kernels_are_recorded_and_healthy_results_survive(tmp_path):
              builtins["expanded-kv-math"]]
     sink = JsonlSink(tmp_path / "run.jsonl")
     plan = _plan([CASE], impls, isolate=True, timeout=10.0, order_check=False, log_dir=tmp_path / "logs")
-    results = {r.impl: r for r in execute_plan(plan, sink)}
+    results = {r.impl: r for r in execute_plan(session(), plan, sink)}
     sink.close()
 
     def err(name):
@@ -66,7 +67,7 @@ def test_faulty_kernels_are_recorded_and_healthy_results_survive(tmp_path):
     for name in ("sdpa-math", "sdpa-flash", "expanded-kv-math", "tests.faulty_kernels:healthy"):
         isolated = results[name]
         impl = builtins.get(name) or _faulty("healthy")
-        alone = run_one(refs, impl, CPU, tolerances(), [], "cpu-test")
+        alone = run_one(session(), refs, impl)
         assert isolated.status is Status.PASS, (name, isolated)
         for t, v in isolated.tensors.items():
             assert v.metrics.levels["tensor"].err == alone.tensors[t].metrics.levels["tensor"].err, (name, t)
@@ -80,7 +81,7 @@ def test_oom_is_recorded_and_bigger_siblings_of_that_implementation_are_skipped(
     mid = CASE.replace(q_len=64, kv_len=64)
     big, small = mid.replace(q_len=128, kv_len=128), CASE
     oom, healthy = _faulty("oom"), builtin_implementations()["sdpa-math"]
-    results = {(r.case_id, r.impl): r for r in execute_plan(_plan([mid, big, small], [oom, healthy]), lambda rec: None)}
+    results = {(r.case_id, r.impl): r for r in execute_plan(session(), _plan([mid, big, small], [oom, healthy]), lambda rec: None)}
     assert results[(mid.id, oom.name)].error_kind == "oom"
     skipped = results[(big.id, oom.name)]
     assert skipped.status is Status.ERROR and skipped.error_kind == "oom" and mid.id in skipped.error
@@ -92,8 +93,8 @@ def test_oom_is_recorded_and_bigger_siblings_of_that_implementation_are_skipped(
 def test_a_case_whose_references_cannot_fit_is_skipped_up_front(monkeypatch):
     assert skip_reason(CASE, available=1_000) is not None and "host memory" in skip_reason(CASE, available=1_000)
     assert skip_reason(CASE, available=1 << 40) is None
-    monkeypatch.setattr("harness.memory.available_host_bytes", lambda: 1_000)
-    (result,) = execute_plan(_plan([CASE], [builtin_implementations()["sdpa-math"]]), lambda rec: None)
+    monkeypatch.setattr("harness.run.memory.available_host_bytes", lambda: 1_000)
+    (result,) = execute_plan(session(), _plan([CASE], [builtin_implementations()["sdpa-math"]]), lambda rec: None)
     assert result.status is Status.UNSUPPORTED and result.error_kind == "memory"
 
 
@@ -139,7 +140,7 @@ def test_repeat_reports_bitwise_nondeterminism_per_tensor():
 
 
 def test_repeat_in_a_run_records_determinism_beside_the_verdict():
-    (result,) = execute_plan(_plan([CASE], [builtin_implementations()["sdpa-math"]], repeat=2), lambda rec: None)
+    (result,) = execute_plan(session(), _plan([CASE], [builtin_implementations()["sdpa-math"]], repeat=2), lambda rec: None)
     assert result.status is Status.PASS
     assert set(result.notes["determinism"]) == {"out", "dq", "dk", "dv"}
     assert all(d["deterministic"] for d in result.notes["determinism"].values())

@@ -12,9 +12,10 @@ suffix (the runner label or suite).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from .store import SavedRun, find_reports
+from .store import ReportError, load_report
 
 # GitHub's documented per-step limit for $GITHUB_STEP_SUMMARY.
 SUMMARY_LIMIT = 1024 * 1024
@@ -39,12 +40,34 @@ def artifact_name(labels: list[str], suffix: str = "", prefix: str = ARTIFACT_PR
     return name[:_NAME_MAX].rstrip("-.")
 
 
-def reports_in(paths: list[Path]) -> list[SavedRun]:
-    """The saved reports among `paths` (report files or directories of them) that have their Markdown."""
+@dataclass(frozen=True)
+class Page:
+    """One Markdown file for the summary, labelled by the saved report beside it (else by its name)."""
+
+    markdown: Path
+    json: Path | None
+    label: str
+
+
+def _page(md: Path) -> Page:
+    try:
+        report = load_report(md.with_suffix(".json"))
+    except ReportError:  # a Markdown without its report (e.g. compare's matrix.md): shown, named by its file
+        return Page(md, None, md.stem)
+    return Page(md, md.with_suffix(".json"), str(report["fingerprint"].get("device_label") or md.stem))
+
+
+def summary_pages(paths: list[Path]) -> list[Page]:
+    """Each path is a report's .md/.json or a directory holding Markdown (<label>.md beside <label>.json)."""
+    pages: list[Page] = []
     for path in paths:
-        if path.exists() and not path.is_dir() and path.suffix not in (".md", ".json"):
+        if path.is_dir():
+            pages += [_page(md) for md in sorted(path.glob("*.md"))]
+        elif path.suffix in (".md", ".json") and path.with_suffix(".md").is_file():
+            pages.append(_page(path.with_suffix(".md")))
+        elif path.exists():
             raise SummaryError(f"{path} is not a report (.md or .json) nor a directory of reports")
-    return [run for run in find_reports(paths) if run.markdown is not None]
+    return pages
 
 
 def trim(markdown: str, limit: int, note: str) -> str:
@@ -71,7 +94,7 @@ def missing_note(paths: list[Path]) -> str:
             "one (see its log).\n")
 
 
-def compose(reports: list[SavedRun], paths: list[Path], artifact: str, limit: int) -> str:
+def compose(reports: list[Page], paths: list[Path], artifact: str, limit: int) -> str:
     """The summary text for `reports`, within `limit` bytes."""
     if not reports:
         return trim(missing_note(paths), limit, "")
@@ -81,10 +104,10 @@ def compose(reports: list[SavedRun], paths: list[Path], artifact: str, limit: in
     return trim(text, limit, trim_note(len(text.encode()), limit, artifact))
 
 
-def step_outputs(reports: list[SavedRun], artifact: str) -> dict[str, str]:
+def step_outputs(reports: list[Page], artifact: str) -> dict[str, str]:
     """Values for $GITHUB_OUTPUT, read by later steps (upload name, baseline path)."""
     labels = sorted({r.label for r in reports})
-    jsons = [str(r.json) for r in reports]
+    jsons = [str(r.json) for r in reports if r.json is not None]
     return {
         "artifact-name": artifact,
         "device-label": "+".join(labels),
@@ -115,7 +138,7 @@ def summarize(paths: list[Path], suffix: str, prefix: str, limit: int, environ: 
     """Write the summary to $GITHUB_STEP_SUMMARY (or return it for stdout when unset) and the
     step outputs to $GITHUB_OUTPUT. Exit status 1 when no report was found: the note and the
     outputs are still written, so an `if: always()` upload keeps whatever the run left."""
-    reports = reports_in(paths)
+    reports = summary_pages(paths)
     name = artifact_name([r.label for r in reports], suffix, prefix)
     printed = ""
     if environ.get("GITHUB_STEP_SUMMARY"):
