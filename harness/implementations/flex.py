@@ -97,7 +97,7 @@ def translate(call: SdpaCall) -> FlexMods:
 
 
 def block_mask_for(mods: FlexMods, call: SdpaCall):
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # absent from some torch builds: _available
 
     if mods.mask_mod is None:
         return None
@@ -121,7 +121,7 @@ def flex_forward(compiler: str = DEFAULT_COMPILER,
     """`translate_fn` is swappable so tests can show a wrong translation FAILs the verdict."""
 
     def forward(call: SdpaCall) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # absent from some builds: _available
 
         mods = translate_fn(call)
         block_mask = block_mask_for(mods, call)
@@ -146,7 +146,7 @@ def flex_forward(compiler: str = DEFAULT_COMPILER,
 
 def _available(facts: DeviceFacts) -> str | None:
     try:
-        from torch.nn.attention import flex_attention  # noqa: F401
+        from torch.nn.attention import flex_attention  # noqa: F401 - the probe: absent from some torch builds
     except ImportError as exc:
         return f"this torch has no torch.nn.attention.flex_attention ({exc})"
     if not torch._dynamo.is_dynamo_supported():

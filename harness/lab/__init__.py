@@ -1,1 +1,1 @@
-
+"""Measuring the harness itself: the false-alarm audit, calibration of the factors, the benchmark."""

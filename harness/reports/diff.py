@@ -227,7 +227,7 @@ def noise_for(baseline_path: Path, baseline: dict[str, Any], noise_path: str | N
         return measure_noise(baseline, str(baseline_path))
     except ReportError:
         raise ReportError(f"no noise band for {baseline_path}: give --noise FILE or put {sibling.name} beside it "
-                          "(README: 'Refresh a baseline')") from None
+                          "(docs/compare-diff-repro.md: 'Refresh a baseline')") from None
 
 
 def _cell_text(c: Cell | None) -> str:

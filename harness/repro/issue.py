@@ -1,7 +1,7 @@
 """`gqa-harness repro`: a standalone script and an issue body for one failing (case, implementation).
 
 The case is judged as a run judges it (without known-failure entries), the script is
-written (repro_script.py holds its text) and run in a fresh interpreter to confirm that it
+written (script.py holds its text) and run in a fresh interpreter to confirm that it
 reproduces, and the issue body is written in the shape PyTorch's bug template asks for:
 title, describe the bug, the script and its output, observed vs expected per head, why it
 is beyond normal bf16/fp16 error, and the versions block with what collect_env misses

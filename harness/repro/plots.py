@@ -15,7 +15,7 @@ from ..core.results import TensorVerdict
 def available() -> str | None:
     """None when matplotlib can be imported, else why not."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 - optional (the `plots` extra): only asked for here
     except ImportError as exc:
         return f"matplotlib is not installed ({exc}); pip install 'gqa-harness[plots]'"
     return None
@@ -25,10 +25,10 @@ def draw_failure(verdict: TensorVerdict, out_dir: Path, title: str, factors: dic
     """heads.png and positions.png for `verdict`'s tensor; [] when matplotlib is missing."""
     if available() is not None or verdict.metrics is None:
         return []
-    import matplotlib
+    import matplotlib  # optional (the `plots` extra), checked by available() above
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display on a CI runner
 
     name = verdict.tensor
     heads = verdict.metrics.levels["slice"].ratio.double()

@@ -1,7 +1,7 @@
 """The text of a standalone repro script for one (case, implementation, tensor).
 
 The script imports only torch (and the user's module for a user kernel). It rebuilds the
-inputs from the seed exactly as harness/inputs.py does (or loads them from inputs.pt beside
+inputs from the seed exactly as harness/core/inputs.py does (or loads them from inputs.pt beside
 it when the case has a mask or bent value distributions, which would take more lines to
 explain than a file), checks their SHA-256 against the harness's, runs the kernel forward
 and backward with the backend pinned, computes the fp64 reference and the low-precision

@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import pytest
+import torch  # importing does not initialise CUDA; the device count is read at first use
 
 
 def worker_index(worker: str) -> int:
@@ -59,8 +60,6 @@ def pin_worker(config: pytest.Config, env: dict[str, str] | None = None) -> dict
     worker = env.get("PYTEST_XDIST_WORKER")
     if not worker:
         return {}
-    import torch  # importing does not initialise CUDA; the device count is read at first use
-
     done: dict[str, Any] = {"worker": worker}
     if wants_gpu_pinning(config.getoption("gqa_device")):
         if torch.cuda.is_initialized():

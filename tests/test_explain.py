@@ -1,0 +1,44 @@
+"""The one failure-text renderer: evidence per failing tensor, and a reproduce command that reproduces
+(the replay for an order-dependent FAIL, whose lone case passes)."""
+
+from __future__ import annotations
+
+import shlex
+
+from harness.cli import main
+from harness.core.case import Case, case_spec
+from harness.reports.explain import reproduce_command, result_text
+
+from . import wrong_kernels
+from .helpers import judge
+
+CASE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
+
+
+def test_result_text_names_each_failing_tensor_its_level_and_the_command():
+    result = judge(CASE, wrong_kernels.tiled_kv_heads).to_dict()
+    text = result_text(result, case_spec(CASE), "cpu")
+    assert text.splitlines()[0] == f"{CASE.id} [tiled_kv_heads]: FAIL"
+    assert "out FAIL gross at tensor level" in text and "failing heads b0h" in text
+    assert text.endswith(f"reproduce: gqa-harness run --device cpu --case '{case_spec(CASE)}' --impl tiled_kv_heads")
+
+
+def test_an_order_dependent_failure_reproduces_by_its_replay_not_the_lone_case():
+    replay = "gqa-harness replay --device cpu --call 'b=1@k' --call 'b=2@k'"
+    notes = {"order": {"order_dependent": True, "replay": replay}}
+    assert reproduce_command("b=2", "k", "cpu", notes) == replay
+    assert reproduce_command("b=2", "k", "cpu", {"order": {"order_dependent": False}}).startswith("gqa-harness run")
+
+
+def test_a_printed_command_is_shell_quoted():
+    cmd = reproduce_command("b=1,hq=2", "mod:fn;rm -rf x", "cpu")
+    assert shlex.split(cmd)[-1] == "mod:fn;rm -rf x"
+
+
+def test_replay_judges_the_last_call_and_exits_1_when_it_fails(capsys):
+    spec = case_spec(CASE)
+    assert main(["replay", "--device", "cpu", "--call", f"{spec}@sdpa-math",
+                 "--call", f"{spec}@tests.wrong_kernels:tiled_kv_heads"]) == 1
+    assert "[tests.wrong_kernels:tiled_kv_heads]: FAIL" in capsys.readouterr().out
+    assert main(["replay", "--device", "cpu", "--call", f"{spec}@sdpa-math"]) == 0
+    assert main(["replay", "--device", "cpu", "--call", "no-at-sign"]) == 2
