@@ -22,9 +22,11 @@ from .lab.audit import audit_command
 from .lab.bench import BenchConfig, bench_command
 from .lab.calibrate import calibrate_command
 from .options import build_parser
+from .reports.bugs import bug_summaries
 from .reports.compare import build_matrix, render_matrix, write_matrix
 from .reports.diff import diff_reports, measure_noise, noise_for, render_diff
 from .reports.explain import result_text
+from .reports.merge import MergeError, merge_shards, merged_line
 from .reports.ledger import fixed_in_run, known_command
 from .reports.report import build_report, exit_status, render_markdown
 from .reports.store import ReportError, StreamError, load_report, open_stream, read_stream, stream_path, write_report
@@ -34,8 +36,9 @@ from .repro.script import ReproError
 from .repro.shrink import ShrinkError, judge_with, shrink
 from .run.env import DeviceError, device_facts, fingerprint
 from .run.order import replay
-from .run.plan import RunPlan, execute_plan
+from .run.plan import RunPlan, case_sources, execute_plan
 from .run.session import Session
+from .run.shards import ShardError, shard_fingerprint, shard_selection
 from .run.worker import Call
 
 USAGE_EXIT = 2
@@ -46,7 +49,7 @@ class UsageError(Exception):
 
 
 BAD_INPUT = (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError,
-             StreamError, ReportError, ReproError, ShrinkError)
+             StreamError, ReportError, ReproError, ShrinkError, ShardError, MergeError)
 
 
 class Progress:
@@ -89,17 +92,20 @@ def cmd_run(args) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds")
     suites = args.suite or ([] if args.case else ["smoke"])
-    cases = [sc.case for sc in select_cases(suites, args.case, args.dtype, args.max_tokens)]
-    if not cases:
+    chosen, shard = shard_selection(select_cases(suites, args.case, args.dtype, args.max_tokens), args.shard,
+                                    args.shard_by_time)
+    cases = [sc.case for sc in chosen]
+    if not cases and shard is None:  # a shard may get no case of a small selection: its report says so
         raise UsageError("no cases selected")
     session = Session.open(args.device)
     impls, unavailable = session.resolve(args.impl)
     out = Path(args.out)
     plan = RunPlan(cases=tuple(cases), impls=tuple(impls), canaries=() if args.no_canary else tuple(session.canaries()),
                    isolate=not args.in_process, timeout=args.timeout, repeat=args.repeat, shuffle=args.shuffle,
-                   log_dir=out / "worker-logs")  # each worker's stdout/stderr, beside the report
+                   log_dir=out / "worker-logs", sources=case_sources(chosen))  # worker logs beside the report
     stream = stream_path(out, session.label)
-    sink, done = open_stream(stream, session.fingerprint(), args.resume)
+    fp = shard_fingerprint(session.fingerprint(), shard)
+    sink, done = open_stream(stream, fp, args.resume)
     started = _now()
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed job still writes its partial report
     try:
@@ -110,17 +116,23 @@ def cmd_run(args) -> int:
         settings = {"command": " ".join(["gqa-harness", *sys.argv[1:]]), "started": started, "finished": _now(),
                     "suite": ",".join(args.suite) or None, "max_tokens": args.max_tokens,
                     "implementations": [i.name for i in impls], "unavailable": unavailable,
-                    "tolerances": session.tolerances.as_dict(), "strict": args.strict}
-        report = build_report(read_stream(stream), session.fingerprint(), settings)
+                    "tolerances": session.tolerances.as_dict(), "known_entries": [k.id for k in session.known],
+                    "strict": args.strict, "shard": shard}
+        report = build_report(read_stream(stream), fp, settings)
         md = write_report(out, report, render_markdown(report))
     counts = report["summary"]["counts"]
-    print(f"{session.label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; report {md}")
+    code = exit_status(report, args.strict)
+    if args.json:
+        print(json.dumps({**report["summary"], "device_label": session.label, "exit_status": code, "report": str(md),
+                          "bugs": bug_summaries(report)}))
+    else:
+        print(f"{session.label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; report {md}")
     for line in fixed_in_run(report):
         print(line, file=sys.stderr)
     if report["results"] and not report["summary"]["canary_failed_as_expected"] and plan.canaries:
         print(f"the canary passed on {session.device}: this pipeline cannot fail here, its PASSes mean nothing",
               file=sys.stderr)
-    return exit_status(report, args.strict)
+    return code
 
 
 def _parse_call(text: str) -> Call:
@@ -190,6 +202,13 @@ def cmd_noise(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(bands.to_dict(), indent=1))
     print(f"noise bands {bands.bands}; wrote {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    report, md = merge_shards([Path(d) for d in args.dirs], Path(args.out), args.partial,
+                              " ".join(["gqa-harness", *sys.argv[1:]]))
+    print(merged_line(report, md))
     return 0
 
 
@@ -274,7 +293,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "replay": cmd_replay, "env": cmd_env, "implementations": cmd_implementations,
-            "summary": cmd_summary, "compare": cmd_compare, "diff": cmd_diff, "noise": cmd_noise, "known": cmd_known,
+            "summary": cmd_summary, "compare": cmd_compare, "diff": cmd_diff, "merge": cmd_merge, "noise": cmd_noise, "known": cmd_known,
             "shrink": cmd_shrink, "repro": cmd_repro, "audit": cmd_audit, "calibrate": cmd_calibrate,
             "bench": cmd_bench}
 

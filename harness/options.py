@@ -25,6 +25,11 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("strict", dict(action="store_true", help="KNOWN failures fail too")),
     ("in-process", dict(action="store_true",
                         help="run kernels in this process: no crash/hang isolation, no order check")),
+    ("shard", dict(default=None, metavar="I/N",
+                   help="run shard I of N: cases by a stable hash of their id (all implementations of a case in "
+                        "one shard); `gqa-harness merge` joins the N reports")),
+    ("shard-by-time", dict(default=None, metavar="REPORT",
+                           help="with --shard: balance the shards by the per-case seconds REPORT recorded")),
 )
 
 
@@ -43,6 +48,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     add_run_options(run.add_argument)
     run.add_argument("--no-canary", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout (for scripts)")
     run.add_argument("--resume", action="store_true", help="continue the stream in --out, skipping finished results")
     run.add_argument("--repeat", type=int, default=1, metavar="N",
                      help="run each kernel N times on the same inputs; report bitwise non-determinism")
@@ -81,6 +87,11 @@ def _report_parsers(sub) -> None:
     dif.add_argument("new", help="the new report of the same device")
     dif.add_argument("--noise", default=None, help="noise-band file (default: <baseline>.noise.json beside it)")
     dif.add_argument("--out", default=None, help="also write FILE.md and FILE.json")
+    merge = sub.add_parser("merge", help="join the shards of one device (run --shard I/N) into one report")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="each shard's report directory (its --out)")
+    merge.add_argument("--out", default="gqa-report", help="directory for the merged report (default: gqa-report)")
+    merge.add_argument("--partial", action="store_true", help="merge the shards present even when some are missing "
+                       "or interrupted (the report says which)")
     noise = sub.add_parser("noise", help="measure diff's noise band from a multi-seed report")
     noise.add_argument("report", help="report of a multi-seed run (reports/baselines/noise-suite.toml)")
     noise.add_argument("--out", required=True, help="noise-band JSON, e.g. reports/baselines/cpu-x86_64.noise.json")

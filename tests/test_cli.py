@@ -35,7 +35,7 @@ def test_a_user_kernel_runs_by_module_and_function_and_a_wrong_one_fails_the_run
               "--out", str(tmp_path / "bad"))
     assert bad.returncode == 1
     markdown = (tmp_path / "bad" / "cpu-x86_64.md").read_text()
-    assert "tests.wrong_kernels:tiled_kv_heads" in markdown and "**gross**" in markdown
+    assert "tests.wrong_kernels:tiled_kv_heads" in markdown and "(gross)" in markdown
     assert "gqa-harness run --device cpu --case" in markdown  # the command that reproduces it
 
 

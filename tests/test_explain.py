@@ -19,7 +19,7 @@ def test_result_text_names_each_failing_tensor_its_level_and_the_command():
     result = judge(CASE, wrong_kernels.tiled_kv_heads).to_dict()
     text = result_text(result, case_spec(CASE), "cpu")
     assert text.splitlines()[0] == f"{CASE.id} [tiled_kv_heads]: FAIL"
-    assert "out FAIL gross at tensor level" in text and "failing heads b0h" in text
+    assert "out FAIL gross at tensor level" in text and "failing q-heads " in text
     assert text.endswith(f"reproduce: gqa-harness run --device cpu --case '{case_spec(CASE)}' --impl tiled_kv_heads")
 
 

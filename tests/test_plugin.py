@@ -114,7 +114,7 @@ def test_items_carry_case_ids_fail_with_the_report_evidence_xfail_known_and_writ
     wrong = "tests.wrong_kernels:tiled_kv_heads"
     assert f"gqa::b2-h4x2-q24-k24-d32-bf16-s0[{wrong}]" in out
     # the assertion message is the report's evidence: tensor, level, ratio, heads and the repro command
-    assert "out FAIL gross at" in out and "x the correct-kernel scale" in out and "failing heads b0h1" in out
+    assert "out FAIL gross at" in out and "x the correct-kernel scale" in out and "failing q-heads 1" in out
     assert f"reproduce: gqa-harness run --device cpu --case 'b=2,hq=4,hkv=2,lq=24,lk=24,d=32' --impl {wrong}" in out
     assert "XFAIL gqa::b2-h8x1-q100-k100-d64-bf16-s0[sdpa-flash]" in out and "cpu-flash-gqa-dkdv-group-sum" in out
     assert "PASSED gqa::b2-h8x2-q64-k64-d64-bf16-s7[canary-tiled-kv]" in out

@@ -82,7 +82,8 @@ class TensorMetrics:
     worst_actual: float | None
     worst_oracle: float | None
     max_abs_err: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    # where the kernel is NaN/Inf but the oracle is finite: count, fraction, first index, heads, rows
+    nonfinite_where: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, level: str) -> dict[str, float]:
         lv = self.levels[level]
@@ -92,6 +93,7 @@ class TensorMetrics:
             "ratio": flat(lv.ratio), "err": flat(lv.err), "scale": flat(lv.scale), "floor": flat(lv.floor),
             "lowprec": flat(lv.lowprec), "eps": flat(lv.eps),
             "dterm": flat(lv.dterm) if lv.dterm is not None else 0.0,
+            "truth": flat(lv.truth),  # the oracle's L2 norm there: every column / truth is relative
             "rel_err": flat(lv.err) / flat(lv.truth) if flat(lv.truth) > 0 else math.inf,
             "index": [int(x) for x in torch.unravel_index(torch.tensor(i), lv.ratio.shape)] if lv.ratio.dim() else [],
             "count": lv.count,
@@ -110,8 +112,31 @@ class TensorMetrics:
             "worst": None if self.worst_index is None else {
                 "index": list(self.worst_index), "actual": self.worst_actual, "oracle": self.worst_oracle,
             },
-            **self.extra,
+            "nonfinite_where": self.nonfinite_where,
         }
+
+
+def ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out: list[str] = []
+    for i in sorted(set(indices)):
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
+def where_nonfinite(bad: torch.Tensor) -> dict[str, Any]:
+    """Where a (B, H, L, D) mask of bad elements sits: count, fraction, first index, (batch, head)
+    slices, and the row (sequence position) ranges, for a report that says more than 'NaN'."""
+    count = int(bad.sum())
+    if not count:
+        return {}
+    first = [int(x) for x in torch.unravel_index(torch.nonzero(bad.reshape(-1))[0, 0], bad.shape)]
+    return {"count": count, "fraction": count / bad.numel(), "first_index": first,
+            "heads": [[int(b), int(h)] for b, h in bad.any(-1).any(-1).nonzero().tolist()],
+            "rows": ranges(bad.any(-1).any(0).any(0).nonzero().reshape(-1).tolist())}
 
 
 def _row_sq(t: torch.Tensor) -> torch.Tensor:
@@ -180,4 +205,5 @@ def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpre
         worst_actual=float(a.reshape(-1)[worst]) if worst is not None else None,
         worst_oracle=float(o.reshape(-1)[worst]) if worst is not None else None,
         max_abs_err=float(abs_diff.max()) if abs_diff.numel() else 0.0,
+        nonfinite_where=where_nonfinite(~a_finite & o_finite),
     )

@@ -93,10 +93,11 @@ def judge_metrics(m: TensorMetrics, dtype: str, tol: Tolerances) -> TensorVerdic
                              f"{name}: the oracle reaches |{m.oracle_absmax:.3g}| > {dtype} max/2; no kernel can be judged",
                              metrics=m)
     if m.nonfinite_where_oracle_finite:
-        where = f" first at {list(m.worst_index)}" if m.worst_index else ""
+        w = m.nonfinite_where
         return TensorVerdict(name, Status.FAIL, "nonfinite",
-                             f"{name}: {m.nan_count} NaN and {m.inf_count} Inf where the oracle is finite{where}",
-                             severity="gross", excess=math.inf, metrics=m)
+                             f"{name}: {m.nan_count} NaN and {m.inf_count} Inf where the oracle is finite "
+                             f"({w['fraction']:.1%} of {name}), first at {w['first_index']}, rows {w['rows']}",
+                             severity="gross", excess=math.inf, failing_heads=tuple(map(tuple, w["heads"])), metrics=m)
     if not m.nonfinite_pattern_matches:
         return TensorVerdict(name, Status.FAIL, "nonfinite",
                              f"{name}: finite where the oracle is non-finite ({m.oracle_nonfinite} elements): "

@@ -14,6 +14,7 @@ the devices did not see the same inputs). `report_rows` is also what diff.py rea
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class Matrix:
     devices: list[Device]
     rows: list[Row]
     refused: list[str]
+    dispatch: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # column -> impl -> backends it reached
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -227,7 +229,39 @@ def build_matrix(paths: list[str | Path]) -> Matrix:
     devices = [Device(col, ", ".join(paths[col]), fps[col],
                       next((s for s in ("DID NOT FAIL", "failed as expected") if s in states[col]), "not run"))
                for col in fps]
-    return Matrix(devices, rows, refused)
+    dispatch: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for col, (_, rep) in zip(columns, usable):
+        for r in rep["results"]:
+            if (r.get("notes") or {}).get("dispatch"):
+                dispatch[col][r["impl"]].add(str(r["notes"]["dispatch"]))
+    return Matrix(devices, rows, refused, {c: {i: sorted(b) for i, b in v.items()} for c, v in dispatch.items()})
+
+
+def impl_summary(m: Matrix) -> list[list[str]]:
+    """Per implementation, per device: judged rows passing / failing, the worst error / scale, and for an
+    unpinned call the backends dispatch chose there."""
+    columns = [d.column for d in m.devices]
+    tally: dict[str, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(lambda: {"pass": 0, "fail": 0,
+                                                                                             "worst": 0.0}))
+    for row in m.rows:
+        for col, c in row.cells.items():
+            t = tally[row.key[1]][col]
+            t["pass"] += c.outcome == "passes"
+            t["fail"] += c.outcome == "fails"
+            t["worst"] = max(t["worst"], c.ratio or 0.0) if c.level != "nonfinite" else math.inf
+    out = []
+    for impl in sorted(tally):
+        cells = []
+        for col in columns:
+            t = tally[impl].get(col)
+            if t is None:
+                cells.append("—")
+                continue
+            via = m.dispatch.get(col, {}).get(impl)
+            worst = "NaN/Inf" if t["worst"] == math.inf else f"{t['worst']:.3g}×"
+            cells.append(f"{t['pass']} pass, {t['fail']} fail, worst {worst}" + (f" (ran {'/'.join(via)})" if via else ""))
+        out.append([impl, *cells])
+    return out
 
 
 def _table(rows: list[Row], columns: list[str], note: bool) -> str:
@@ -248,6 +282,8 @@ def render_matrix(m: Matrix) -> str:
              "Cell: verdict and error / scale, where scale = max(dtype floor, low-precision reference, fp32 eps × "
              "magnitude); read at the failing level (slice, row) for a failure, the whole tensor otherwise. "
              "A correct kernel stays under the level's factor (tensor 2, slice 2.5, row 5). — = not run there.", ""]
+    lines += ["## Summary: device × implementation", "", "Judged (case, tensor) rows per implementation and device.", "",
+              tabulate(impl_summary(m), headers=["implementation", *columns], tablefmt="github"), ""]
     if m.refused:
         lines += ["## Refused", "", *(f"- {r}" for r in m.refused), ""]
     sections = [("disagree", "Devices disagree", True), ("fails", "Fail on every device that judged them", True),
@@ -259,7 +295,7 @@ def render_matrix(m: Matrix) -> str:
         if not rows:
             continue
         lines += [f"## {title} ({len(rows)})", ""]
-        if group == "passes" and len(rows) > 40:
+        if group != "disagree" and len(rows) > 40:
             lines += ["<details><summary>show</summary>", "", _table(rows, columns, note), "", "</details>", ""]
         else:
             lines += [_table(rows, columns, note), ""]

@@ -4,17 +4,55 @@ saved (dict) form, so a live result and a report loaded from disk read alike."""
 
 from __future__ import annotations
 
+import html
 import shlex
 from typing import Any
 
+from ..core.metrics import ranges
+
 FAILING = ("FAIL", "ERROR")
+KV_TENSORS = ("dk", "dv")  # their (batch, head) slices are kv heads; out and dq have query heads
 
 
-def heads_text(heads: list[list[int]] | tuple[tuple[int, int], ...], limit: int = 8) -> str:
+def cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell: no pipe to split it, no HTML to run, one line."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def head_kind(tensor: str) -> str:
+    return "kv-head" if tensor in KV_TENSORS else "q-head"
+
+
+def heads_text(heads: list[list[int]] | tuple[tuple[int, int], ...], tensor: str,
+               shape: tuple[int, int] | None = None) -> str:
+    """Failing (batch, head) slices named by kind: 'all 16 q-heads', or 'kv-heads 0-1, 3 (b0); 2 (b1)'.
+    `shape` = (batches, heads) of the tensor, when known, tells 'all' from 'some'."""
     if not heads:
         return "—"
-    shown = ", ".join(f"b{b}h{h}" for b, h in heads[:limit])
-    return shown + (f" (+{len(heads) - limit})" if len(heads) > limit else "")
+    kind = head_kind(tensor)
+    if shape is not None and len({tuple(h) for h in heads}) == shape[0] * shape[1]:
+        return f"all {shape[1]} {kind}s" + (f" of all {shape[0]} batches" if shape[0] > 1 else "")
+    by_batch: dict[int, list[int]] = {}
+    for b, h in heads:
+        by_batch.setdefault(b, []).append(h)
+    parts = [ranges(hs) + (f" (b{b})" if len(by_batch) > 1 or b else "") for b, hs in sorted(by_batch.items())]
+    return f"{kind}s " + "; ".join(parts)
+
+
+def slice_shape(tensor: dict[str, Any]) -> tuple[int, int] | None:
+    rows = ((tensor.get("metrics") or {}).get("slice_ratio")) or None
+    return (len(rows), len(rows[0])) if rows and rows[0] else None
+
+
+def nonfinite_text(name: str, tensor: dict[str, Any]) -> str:
+    """'dq: 4096 NaN, 0 Inf (100.0% of dq), first at [0, 0, 0, 0], rows 0-127, all 8 q-heads'."""
+    m = tensor.get("metrics") or {}
+    where = m.get("nonfinite_where") or {}
+    if not where:
+        return ""
+    heads = heads_text(where.get("heads", []), name, slice_shape(tensor))
+    return (f"{name}: {m.get('nan', 0)} NaN, {m.get('inf', 0)} Inf ({where['fraction']:.1%} of {name}), first at "
+            f"{where['first_index']}, rows {where['rows']}, {heads}")
 
 
 def reproduce_command(spec: str, impl: str, device: str, notes: dict[str, Any] | None = None) -> str:
@@ -33,9 +71,9 @@ def quoted(text: str) -> str:
 
 def tensor_line(name: str, tensor: dict[str, Any]) -> str:
     severity = f" {tensor['severity']}" if tensor.get("severity") else ""
-    heads = heads_text(tensor.get("failing_heads") or [])
+    heads = heads_text(tensor.get("failing_heads") or [], name, slice_shape(tensor))
     return (f"{name} {tensor['status']}{severity} at {tensor.get('rule') or '-'} level: {tensor.get('reason', '')}"
-            + (f"; failing heads {heads}" if heads != "—" else ""))
+            + (f"; failing {heads}" if heads != "—" else ""))
 
 
 def result_text(result: dict[str, Any], spec: str, device: str, statuses: tuple[str, ...] = (*FAILING, "KNOWN")) -> str:

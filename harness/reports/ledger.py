@@ -11,6 +11,7 @@ An entry is
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any
 from tabulate import tabulate
 
 from ..core.known import KnownFailure, load_known
-from .report import known_entry_summary
 from .store import find_reports
 
 
@@ -33,11 +33,47 @@ class EntryState:
     absorbed: int  # of which KNOWN
 
 
+def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per known-failures entry, the tensors it matched: absorbed (KNOWN), failing beyond its ceiling
+    (FAIL), passed."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "known": 0, "beyond": 0, "passed": 0})
+    for r in report["results"]:
+        for t in r["tensors"].values():
+            if t.get("known_entry"):
+                counts = out[t["known_entry"]]
+                counts["matched"] += 1
+                counts["known"] += t["status"] == "KNOWN"
+                counts["beyond"] += t["status"] == "FAIL"
+                counts["passed"] += t["status"] == "PASS"
+    return dict(out)
+
+
+def entry_state(counts: dict[str, int]) -> str:
+    """FIXED only when every matching tensor passed: an entry whose failures went past its ceiling is
+    not fixed, it is worse."""
+    if counts["beyond"]:
+        return "failing beyond its ceiling"
+    if counts["known"]:
+        return "absorbed"
+    return "FIXED: every matching tensor passed, the entry can go" if counts["passed"] else "matched, not judged"
+
+
+def entry_states_in_run(report: dict[str, Any]) -> dict[str, tuple[dict[str, int], str]]:
+    """Every entry of the run: its counts and state; entries the run loaded but never matched are
+    'not exercised'."""
+    summary = known_entry_summary(report)
+    loaded = (report.get("settings") or {}).get("known_entries") or []
+    zero = {"matched": 0, "known": 0, "beyond": 0, "passed": 0}
+    states = {e: (summary.get(e, zero), entry_state(summary[e]) if e in summary else "not exercised")
+              for e in [*loaded, *summary]}
+    return dict(sorted(states.items()))
+
+
 def fixed_in_run(report: dict[str, Any]) -> list[str]:
-    """One line per entry this run matched without absorbing a failure."""
-    return [f"known-failure entry {entry} matched {v['matched']} result tensors and absorbed no failure: FIXED, "
-            "remove it from cases/known-failures.toml" for entry, v in sorted(known_entry_summary(report).items())
-            if v["matched"] and not v["known"]]
+    """One line per entry this run matched where every matching tensor passed."""
+    return [f"known-failure entry {entry} matched {v['matched']} result tensors and every one passed: FIXED, "
+            "remove it from cases/known-failures.toml" for entry, (v, state) in entry_states_in_run(report).items()
+            if state.startswith("FIXED")]
 
 
 def report_time(report: dict[str, Any]) -> datetime | None:
@@ -72,7 +108,8 @@ def entry_states(known: list[KnownFailure], reports: list[tuple[Path, dict[str, 
             continue
         when, path, report, counts = latest[k.id]
         label = report.get("fingerprint", {}).get("device_label", "?")
-        states.append(EntryState(k.id, "active" if counts["known"] else "FIXED", when.isoformat(timespec="seconds"),
+        states.append(EntryState(k.id, "FIXED" if entry_state(counts).startswith("FIXED") else "active",
+                                 when.isoformat(timespec="seconds"),
                                  f"{label} ({path})", counts["matched"], counts["known"]))
     return states
 

@@ -1,9 +1,9 @@
 """The per-device report: a self-describing JSON and a Markdown summary for people.
 
 JSON (schema_version 1): fingerprint, settings, cases (with input SHA-256s), results.
-Markdown: what failed first (gross before subtle), one row per failing (case,
-implementation, tensor) with the evidence that it is beyond a correct kernel and the
-command that reproduces it; then the canary; then a compact pass table.
+Markdown: what failed first, one block per bug (bugs.py), gross before subtle, with the
+evidence that it is beyond a correct kernel and the command that reproduces it; then the
+known failures, the canary, a compact pass table, unsupported cases and the reliability checks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .explain import FAILING, heads_text, reproduce_command
+from .bugs import bugs_section
+from .explain import FAILING, cell
+from .ledger import entry_states_in_run
 from .store import SCHEMA_VERSION, clean_json
 
 
@@ -24,7 +26,8 @@ def build_report(records: list[dict[str, Any]], fingerprint: dict[str, Any], set
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for rec in records:
         if rec.get("type") == "case":
-            cases[rec["case_id"]] = {k: rec[k] for k in ("case", "spec", "input_sha256", "oracle_seconds") if k in rec}
+            cases[rec["case_id"]] = {k: rec[k] for k in ("case", "spec", "input_sha256", "oracle_seconds", "source")
+                                     if k in rec}
         elif rec.get("type") == "result":
             results[(rec["case_id"], rec["impl"])] = {k: v for k, v in rec.items() if k != "type"}
     ordered = sorted(results.values(), key=lambda r: (r["case_id"], r["impl"]))
@@ -76,16 +79,9 @@ def failure_rows(report: dict[str, Any], statuses: tuple[str, ...] = ("FAIL",)) 
     return sorted(rows, key=lambda x: (x["severity"] != "gross", -(x["excess"] if x["excess"] is not None else math.inf)))
 
 
-def _worst(w: dict[str, Any] | None) -> str:
-    if not w:
-        return "—"
-    return f"{w['index']}: {_fmt(w['actual'], '.4g')} vs {_fmt(w['oracle'], '.4g')}"
-
-
-def _command(report: dict[str, Any], case_id: str, impl: str) -> str:
-    spec = report["cases"].get(case_id, {}).get("spec", "")
-    result = next((r for r in report["results"] if r["case_id"] == case_id and r["impl"] == impl), {})
-    return reproduce_command(spec, impl, report["fingerprint"].get("device", "cpu"), result.get("notes"))
+def _clip(text: str, limit: int = 160) -> str:
+    """Cut on the right, at a word: the full text is in the JSON."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -99,31 +95,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         "",
     ]
-    fails = failure_rows(report)
+    bugs = bugs_section(report)
     errors = [r for r in report["results"] if r["status"] == "ERROR" and not r.get("canary")]
-    lines += ["## Failures" if fails or errors else "## No failures", ""]
-    if fails:
-        lines.append("Error is the L2 error at the failing level; scale = max(dtype floor, low-precision reference); "
-                     "ratio = error / scale, which a correct kernel keeps under the level's factor.")
-        lines.append("")
-        table = [[f"**{x['severity']}**", x["case_id"], x["impl"], x["tensor"], x["rule"], _fmt(x["ratio"]),
-                  _fmt(x["rel_err"], ".2e"), _fmt(x["floor"], ".2e"), _fmt(x["lowprec"], ".2e"), _worst(x["worst"]),
-                  heads_text(x["heads"])] for x in fails]
-        lines.append(tabulate(table, headers=["severity", "case", "impl", "tensor", "level", "error/scale", "rel-L2",
-                                              "floor", "low-prec ref", "worst element (actual vs oracle)",
-                                              "failing heads"], tablefmt="github"))
-        lines += ["", "Reproduce:", ""]
-        for key in dict.fromkeys((x["case_id"], x["impl"]) for x in fails):
-            lines.append(f"    {_command(report, *key)}")
-        lines.append("")
+    lines += ["## Failures" if bugs or errors else "## No failures", "", *bugs]
     if errors:
-        lines.append(tabulate([[r["case_id"], r["impl"], r.get("error_kind", ""), r["error"][:200]] for r in errors],
-                              headers=["case", "impl", "kind", "error"], tablefmt="github"))
+        lines += ["### Errors (the call itself failed: crash, hang, exception, out of memory)", ""]
+        lines.append(tabulate([[cell(r["case_id"]), cell(r["impl"]), r.get("error_kind", ""), cell(r["error"][:200])]
+                               for r in errors], headers=["case", "impl", "kind", "error"], tablefmt="github"))
         lines.append("")
     known = failure_rows(report, ("KNOWN",))
     if known:
         lines += ["## Known failures (do not fail the run unless --strict)", ""]
-        lines.append(tabulate([[x["case_id"], x["impl"], x["tensor"], x["rule"], _fmt(x["ratio"]), x["reason"][-160:]]
+        lines.append(tabulate([[x["case_id"], x["impl"], x["tensor"], x["rule"], _fmt(x["ratio"]), cell(_clip(x["reason"]))]
                                for x in known], headers=["case", "impl", "tensor", "level", "error/scale", "evidence"],
                               tablefmt="github"))
         lines.append("")
@@ -133,24 +116,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Per known-failures entry: tensors it matched and how many it absorbed (KNOWN)."""
-    out: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "known": 0})
-    for r in report["results"]:
-        for t in r["tensors"].values():
-            if t.get("known_entry"):
-                out[t["known_entry"]]["matched"] += 1
-                out[t["known_entry"]]["known"] += t["status"] == "KNOWN"
-    return dict(out)
-
-
 def _known_entries(report: dict[str, Any]) -> list[str]:
-    summary = known_entry_summary(report)
-    if not summary:
+    states = entry_states_in_run(report)
+    if not states:
         return []
-    rows = [[entry, v["matched"], v["known"], "FIXED? matched, none failing: the entry can go" if not v["known"] else "still failing"]
-            for entry, v in sorted(summary.items())]
-    return ["## Known-failure entries", "", tabulate(rows, headers=["entry", "matched", "known", "state"],
+    rows = [[entry, v["matched"], v["known"], v["beyond"], v["passed"], state] for entry, (v, state) in states.items()]
+    return ["## Known-failure entries", "", tabulate(rows, headers=["entry", "matched", "absorbed (KNOWN)",
+                                                                    "beyond its ceiling (FAIL)", "passed", "state"],
                                                      tablefmt="github"), ""]
 
 
@@ -189,7 +161,7 @@ def _unsupported(report: dict[str, Any]) -> list[str]:
     reasons: dict[tuple[str, str], int] = defaultdict(int)
     for r in report["results"]:
         if r["status"] == "UNSUPPORTED":
-            reasons[(r["impl"], r["error"][:160])] += 1
+            reasons[(r["impl"], cell(r["error"][:160]))] += 1
     unavailable = report["settings"].get("unavailable", {})
     if not reasons and not unavailable:
         return []
