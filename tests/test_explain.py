@@ -42,3 +42,15 @@ def test_replay_judges_the_last_call_and_exits_1_when_it_fails(capsys):
     assert "[tests.wrong_kernels:tiled_kv_heads]: FAIL" in capsys.readouterr().out
     assert main(["replay", "--device", "cpu", "--call", f"{spec}@sdpa-math"]) == 0
     assert main(["replay", "--device", "cpu", "--call", "no-at-sign"]) == 2
+
+
+def test_every_reproduce_command_a_report_prints_reproduces_the_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the printed commands write to ./gqa-report, as a user's would
+    cases = [case_spec(CASE), case_spec(CASE.replace(causal="top-left", q_heads=8))]
+    assert main(["run", "--device", "cpu", "--quiet", "--out", "first", "--no-canary", "--in-process", "--impl",
+                 "tests.wrong_kernels:tiled_kv_heads", *(x for c in cases for x in ("--case", c))]) == 1
+    lines = (tmp_path / "first" / "cpu-x86_64.md").read_text().splitlines()
+    commands = [lines[i + 2].strip() for i, line in enumerate(lines) if line == "Reproduce:"]
+    assert len(commands) == 2 and all(c.startswith("gqa-harness run ") for c in commands)
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 1, command

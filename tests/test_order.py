@@ -9,7 +9,7 @@ import pytest
 from harness.core.case import Case
 from harness.implementations import builtin_implementations
 from harness.implementations.user import load_user_implementation
-from harness.cli import _parse_call
+from harness.cli import _parse_call, main
 from harness.run.order import candidate_singles, shrink
 from harness.reports.report import order_section
 from harness.reports.report import build_report
@@ -43,6 +43,7 @@ def test_a_plan_cache_bug_is_reported_order_dependent_naming_the_call_before_it(
     assert order["summary"] == f"order-dependent: passes alone, fails after {first.id} {stateful.name}"
     calls = [_parse_call(x) for x in shlex.split(order["replay"]) if "@" in x]
     assert [(c.case.id, c.impl) for c in calls] == [(first.id, stateful.name), (second.id, stateful.name)]
+    assert main(shlex.split(order["replay"])[1:]) == 1  # the printed reproduce command reproduces
 
     report = build_report(records, {}, {})  # the re-streamed record wins
     assert "order-dependent: passes alone" in "\n".join(order_section(report))
