@@ -252,7 +252,8 @@ def cmd_repro(args) -> int:
     shrunk = _shrunk(args, case, impl, session) if args.shrink else None
     repro = write_repro(shrunk.case if shrunk else case, impl, session, Path(args.out),
                         tensor=shrunk.signature.tensor or None if shrunk else args.tensor, title=args.title,
-                        note=args.note, shrunk=shrunk, collect_env=args.collect_env, plots=args.plots, after=after)
+                        note=args.note, shrunk=shrunk, collect_env=args.collect_env, plots=args.plots, after=after,
+                        compare=load_report(args.compare) if args.compare else None)
     print(repro.script_output)
     if not repro.reproduces:
         print(f"gqa-harness repro: {repro.script} exits 0 here: it does not reproduce the failure", file=sys.stderr)

@@ -127,6 +127,8 @@ def _failure_parsers(sub) -> None:
     rep.add_argument("--title", default=None, help="issue title (default: generated)")
     rep.add_argument("--note", default="", help="a paragraph for 'Describe the bug'")
     rep.add_argument("--collect-env", action="store_true", help="add `python -m torch.utils.collect_env` output")
+    rep.add_argument("--compare", default=None, metavar="REPORT",
+                     help="another device's report JSON: its verdict on the same case joins the triage table")
     rep.add_argument("--plots", action="store_true", help="per-(batch, head) heat map and error-vs-position PNGs "
                      "(needs the `plots` extra: matplotlib)")
 

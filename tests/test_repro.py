@@ -143,3 +143,22 @@ def test_an_order_dependent_failure_is_replayed_before_the_call(tmp_path):
     alone = tmp_path / "alone.py"
     alone.write_text("\n".join(line for line in text.splitlines() if not line.startswith("replay(")))
     assert run_fresh(alone).returncode == 0
+
+
+def test_the_issue_body_is_short_above_its_details_and_says_what_passes_on_the_same_inputs(wrong):
+    _, repro = wrong
+    body = repro.issue.read_text()
+    above = body[: body.index("<details>")]
+    assert len(above.splitlines()) <= 80
+    assert "What passes on the same inputs" in above and "group size 1 (MHA)" in above and "dtype fp16" in above
+    assert "| same inputs" in above and "sdpa-math" in above
+    assert "```python" not in above  # the script folds away
+
+
+def test_a_second_devices_report_joins_the_triage(tmp_path, wrong):
+    case, repro = wrong
+    other = {"schema_version": 1, "fingerprint": {"device_name": "NVIDIA H200", "torch": "2.11.0+cu130"},
+             "settings": {}, "cases": {}, "results": [{"case_id": case.id, "impl": WRONG, "status": "PASS", "tensors": {
+                 "out": {"status": "PASS", "metrics": {"levels": {"tensor": {"ratio": 0.9}}}}}}]}
+    again = write_repro(case, load_user_implementation(WRONG), session(), tmp_path, compare=other)
+    assert "NVIDIA H200 (torch 2.11.0+cu130)" in again.issue.read_text()

@@ -2,16 +2,13 @@
 
 The case is judged as a run judges it (without known-failure entries), the script is
 written (script.py holds its text) and run in a fresh interpreter to confirm that it
-reproduces, and the issue body is written in the shape PyTorch's bug template asks for:
-title, describe the bug, the script and its output, observed vs expected per head, why it
-is beyond normal bf16/fp16 error, and the versions block with what collect_env misses
-(which backend ran, the ROCm attention library, cuDNN).
+reproduces, the triage runs (what passes on the same inputs: the other dtype, G = 1, K/V
+expanded by hand, other backends, another device's report) and the issue body (body.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,19 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tabulate import tabulate
 
-from ..core.case import Case, case_spec
+from ..core.case import Case, CaseError, case_spec
 from ..core.references import References, references
 from ..core.results import ImplResult
-from ..core.verdict import Tolerances
-from ..implementations import DeviceFacts, Implementation, builtin_implementations
+from ..implementations import Implementation, builtin_implementations
 from ..run.session import Session, run_one
+from .body import TENSOR_LABEL, Evidence, failing_level, issue_body, ratio_at, title as default_title
 from .plots import available, draw_failure
 from .script import ReproError, backend_of, inline_inputs, render_script
 from .shrink import ShrinkResult, Signature, signature_of
 
-TENSOR_LABEL = {"out": "output", "dq": "dQ", "dk": "dK", "dv": "dV"}
 SCRIPT_TIMEOUT_S = 900
 
 
@@ -47,95 +42,6 @@ class Repro:
     @property
     def reproduces(self) -> bool:
         return self.script_exit != 0
-
-
-def _tag(facts: DeviceFacts, impl: str) -> str:
-    if facts.kind == "rocm":
-        return "ROCm"
-    if facts.kind == "cuda":
-        return "cuDNN" if impl.endswith("cudnn") else "CUDA"
-    return "CPU"
-
-
-def _what_ran(impl: str, result: ImplResult, gqa: bool = True) -> str:
-    found = backend_of(impl)
-    if found is None:
-        return f"user kernel `{impl}`"
-    backend, expanded = found
-    if not backend:
-        return f"unpinned SDPA (dispatch chose {result.notes.get('dispatch', 'unknown')})"
-    kv = "K/V expanded by hand (`repeat_interleave`, HF's repeat_kv), then " if expanded else ""
-    return f"{kv}{backend} pinned with `torch.nn.attention.sdpa_kernel`" + (", `enable_gqa=True`" if gqa and not expanded else "")
-
-
-def _shape(case: Case) -> str:
-    lens = f"L={case.q_len}" if case.q_len == case.kv_len else f"Lq={case.q_len}, Lk={case.kv_len}"
-    extra = [x for x in (case.causal != "none" and f"causal {case.causal}", case.has_mask and f"mask {case.mask}",
-                         case.layout != "bhld" and case.layout, case.scale is not None and f"scale {case.scale:g}") if x]
-    return ", ".join([f"B={case.batch}", f"Hq={case.q_heads}", f"Hkv={case.kv_heads}", lens, f"D={case.head_dim}",
-                      case.dtype, *extra])
-
-
-def _ratio(result: ImplResult, tensor: str, level: str | None = None) -> tuple[float | None, str]:
-    v = result.tensors.get(tensor)
-    if v is None or v.metrics is None:
-        return None, result.error or (v.reason if v else "")
-    level = level or (v.rule if v.rule in ("tensor", "slice", "row") else "tensor")
-    return v.metrics.summary(level)["ratio"], level
-
-
-def _level(result: ImplResult, tensor: str) -> str:
-    level = _ratio(result, tensor)[1]
-    return level if level in ("tensor", "slice", "row") else "tensor"
-
-
-def _per_head(result: ImplResult, tensor: str, limit: int = 24) -> str:
-    v = result.tensors[tensor]
-    if v.metrics is None:
-        return v.reason
-    lv = v.metrics.levels["slice"]
-    rows = []
-    for b in range(lv.err.shape[0]):
-        for h in range(lv.err.shape[1]):
-            truth = float(lv.truth[b, h]) or math.inf
-            rows.append((float(lv.ratio[b, h]), [b, h, f"{float(lv.err[b, h]) / truth:.2e}",
-                                                 f"{float(lv.floor[b, h]) / truth:.2e}",
-                                                 f"{float(lv.lowprec[b, h]) / truth:.2e}", f"{float(lv.ratio[b, h]):.3g}"]))
-    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -r[0])[:limit]
-    heads = "kv head" if tensor in ("dk", "dv") else "query head"
-    table = tabulate([r for _, r in shown], headers=["batch", heads, "rel-L2 error (observed)", "dtype floor (perfect)",
-                                                      "low-prec ref (correct kernel)", "error / scale"], tablefmt="github")
-    more = "" if len(rows) <= limit else f"\n\n({limit} worst of {len(rows)} (batch, head) slices shown)"
-    return table + more
-
-
-def _controls(refs: References, impl: Implementation, session: Session, tensor: str, level: str) -> list[list[str]]:
-    """Correct paths on the same inputs: math, and the same backend behind hand-expanded kv."""
-    builtins = builtin_implementations()
-    names = ["sdpa-math"]
-    found = backend_of(impl.name)
-    if found and found[0] and not found[1]:
-        names.append("expanded-kv-" + impl.name.removeprefix("sdpa-"))
-    rows = []
-    for name in dict.fromkeys(names):
-        other = builtins.get(name)
-        if other is None or name == impl.name or other.available(session.facts) is not None:
-            continue
-        res = run_one(session, refs, other)
-        ratio, _ = _ratio(res, tensor, level)
-        v = res.tensors.get(tensor)
-        rows.append([name, "—" if ratio is None else f"{ratio:.3g}", str(v.status) if v else str(res.status)])
-    return rows
-
-
-def _versions(fp: dict[str, Any], what_ran: str, collect_env: str) -> str:
-    keys = ["torch", "torch_git", "cuda", "hip", "cudnn", "rocm_fa_library", "device", "device_name", "device_arch",
-            "driver", "cpu", "cpu_threads", "python", "platform", "math_fp16_bf16_reduction_allowed", "harness"]
-    lines = [f"{k}: {fp[k]}" for k in keys if k in fp] + [f"backend that ran: {what_ran}"]
-    body = "```\n" + "\n".join(lines) + "\n```"
-    if collect_env:
-        body += "\n\n<details><summary>python -m torch.utils.collect_env</summary>\n\n```\n" + collect_env.strip() + "\n```\n</details>"
-    return body
 
 
 def run_script(script: Path, device: str) -> tuple[int, str]:
@@ -154,84 +60,56 @@ def _collect_env() -> str:
         return f"collect_env failed: {exc}"
 
 
-def issue_body(*, title: str, case: Case, impl: Implementation, facts: DeviceFacts, result: ImplResult, sig: Signature,
-               script: str, script_exit: int, output: str, controls: list[list[str]], tol: Tolerances, note: str,
-               shrunk: ShrinkResult | None, fp: dict[str, Any], collect_env: str,
-               after: list[tuple[Case, Implementation]] = ()) -> str:
-    v = result.tensors.get(sig.tensor)
-    ratio, level = _ratio(result, sig.tensor)
-    label = TENSOR_LABEL.get(sig.tensor, sig.tensor)
-    what = _what_ran(impl.name, result, case.q_heads != case.kv_heads)
-    factor = tol.rule(case.dtype, level).factor if level in ("tensor", "slice", "row") else None
-    subject = what if impl.family == "user" else f"`torch.nn.functional.scaled_dot_product_attention` ({what})"
-    describe = [
-        f"{subject[0].upper() + subject[1:]} on {facts.device} ({facts.name or facts.arch}), "
-        f"torch {fp.get('torch')}, returns **{label}** with an error against an fp64 reference of "
-        + (f"**{ratio:.3g}×** what a correct {case.dtype} kernel reaches on the same inputs ({level} level; "
-           f"a correct kernel stays under {factor:g}×)." if ratio is not None else f"this kind: {v.reason if v else result.error}."),
-        "", f"Shape: {_shape(case)}" + (" (`enable_gqa=True`)" if case.q_heads != case.kv_heads else "") + ".",
-    ]
-    if note:
-        describe += ["", note]
-    if after:
-        describe += ["", "Order-dependent: it fails only after these calls in the same process (the script replays "
-                     "them first): " + ", ".join(f"`{c.id}` on {i.name}" for c, i in after) + "."]
-    if shrunk is not None:
-        describe += ["", f"Found by gqa-harness and shrunk from `{case_spec(shrunk.start)}` by `gqa-harness shrink` "
-                     f"({shrunk.evaluations} evaluations; "
-                     + ("locally minimal: every single smaller batch, head count, length or head dim, and dropping the mask "
-                        "or causal, passes or fails differently"
-                        + (f" or less than {shrunk.min_excess:g}x beyond its factor" if shrunk.min_excess > 1 else "")
-                        + (f", at seeds 0-{shrunk.seeds - 1} too" if shrunk.seeds > 1 else "") + ")."
-                        if shrunk.locally_minimal else
-                        "time budget reached: smaller, not proven minimal).")]
-    describe += ["", "The script rebuilds the inputs from the seed (checking their SHA-256), runs forward and backward, "
-                 "computes the fp64 reference and the low-precision reference inline, and exits 1 while the bug is present."]
-    worst = ""
-    if v is not None and v.metrics is not None and v.metrics.worst_index is not None:
-        worst = (f"Largest absolute error: {sig.tensor}{list(v.metrics.worst_index)} = {v.metrics.worst_actual:.6g}, "
-                 f"fp64 reference {v.metrics.worst_oracle:.6g}.")
-    why = [
-        "Two yardsticks are computed from the same quantized inputs: the **dtype floor** (the fp64 result rounded to "
-        f"{case.dtype}: a perfect kernel) and the **low-precision reference**, the envelope of fp32-accumulating designs "
-        "with the roundings a correct fused kernel must make (P rounded before P·V and Pᵀ·dO, dS rounded before its GEMMs, "
-        "D = rowsum(dO∘O) from O as stored or in fp32, per-head dK/dV rounded before an fp32 group sum). "
-        "Scale = the larger of the two (and fp32 eps × magnitude where the truth is 0). "
-        f"Known-good kernels score about 1× this scale; the harness fails a tensor beyond "
-        f"{tol.rule(case.dtype, 'tensor').factor:g}× (whole tensor), {tol.rule(case.dtype, 'slice').factor:g}× (one (batch, head)) "
-        f"or {tol.rule(case.dtype, 'row').factor:g}× (one row), factors calibrated with provenance in harness/core/tolerances.toml. "
-        + (f"This kernel is {ratio:.3g}× at the {level} level." if ratio is not None else ""),
-    ]
-    if controls:
-        why += ["", f"Other paths on the same inputs and device ({label}, worst error / scale at the {level} level):", "",
-                tabulate(controls, headers=["implementation", "error / scale", "verdict"], tablefmt="github")]
-    parts = [
-        f"Title: {title}", "", "### 🐛 Describe the bug", "", *describe, "", "```python", script.rstrip(), "```", "",
-        f"Output (exit status {script_exit}):", "", "```", output.strip()[-6000:], "```", "",
-        "### Observed vs expected", "",
-        f"{label} per (batch, head), relative L2 error against the fp64 reference:", "",
-        _per_head(result, sig.tensor) if v is not None else result.error, "", worst, "",
-        "### Why this is beyond normal bf16/fp16 error", "", *why, "",
-        "### Versions", "", _versions(fp, what, collect_env), "",
-    ]
-    return "\n".join(parts)
+def _cell(result: ImplResult, tensor: str, level: str) -> tuple[str, str]:
+    ratio, _ = ratio_at(result, tensor, level)
+    v = result.tensors.get(tensor)
+    return (str(v.status) if v else str(result.status)), ("—" if ratio is None else f"{ratio:.3g}×")
 
 
-def default_title(facts: DeviceFacts, impl: str, case: Case, sig: Signature, result: ImplResult) -> str:
-    ratio, level = _ratio(result, sig.tensor)
-    found = backend_of(impl)
-    what = impl if found is None else (found[0] or "default SDPA") + (" (K/V expanded)" if found and found[1] else "")
-    how = f"{ratio:.2g}× beyond a correct {case.dtype} kernel" if ratio is not None else sig.kind
-    return (f"[{_tag(facts, impl)}][SDPA] {what}: {TENSOR_LABEL.get(sig.tensor, sig.tensor)} {how} "
-            f"({'GQA ' if case.q_heads != case.kv_heads else ''}{_shape(case)})")
+def triage(case: Case, refs: References, impl: Implementation, session: Session, tensor: str, level: str,
+           compare: dict[str, Any] | None = None) -> list[list[str]]:
+    """What else runs on the same inputs, and how it does: other backends (math, the fused ones), the same
+    backend on K/V expanded by hand, the same call in the other dtype and at group size 1, and the same
+    case on another device when its report is given."""
+    builtins = builtin_implementations()
+    found = backend_of(impl.name)
+    names = ["sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
+    if found and found[0] and not found[1]:
+        names.append("expanded-kv-" + impl.name.removeprefix("sdpa-"))
+    rows = []
+    for name in dict.fromkeys(names):
+        other = builtins.get(name)
+        if other is None or name == impl.name or other.available(session.facts) is not None:
+            continue
+        rows.append(["same inputs", name, *_cell(run_one(session, refs, other), tensor, level)])
+    variants = [(f"dtype {d}", {"dtype": d}) for d in ("bf16", "fp16") if d != case.dtype]
+    if case.group_size > 1:
+        variants.append(("group size 1 (MHA)", {"kv_heads": case.q_heads,
+                                                "layout": "bhld" if case.layout == "kv-expanded" else case.layout}))
+    for what, changes in variants:
+        try:
+            variant = case.replace(**changes)
+        except CaseError:  # not expressible (e.g. a layout that needs one kv head)
+            continue
+        rows.append([what, impl.name, *_cell(run_one(session, references(variant), impl), tensor, level)])
+    if compare is not None:
+        fp = compare.get("fingerprint") or {}
+        theirs = next((r for r in compare["results"] if r["case_id"] == case.id and r["impl"] == impl.name), None)
+        t = (theirs or {}).get("tensors", {}).get(tensor) or {}
+        ratio = (((t.get("metrics") or {}).get("levels") or {}).get(level) or {}).get("ratio")
+        rows.append([f"{fp.get('device_name') or fp.get('device_label')} (torch {fp.get('torch')})", impl.name,
+                     t.get("status") or (theirs or {}).get("status", "not run there"),
+                     "—" if ratio is None else f"{ratio:.3g}×"])
+    return rows
 
 
 def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Path, *, tensor: str | None = None,
                 title: str | None = None, note: str = "", shrunk: ShrinkResult | None = None,
                 collect_env: bool = False, plots: bool = False,
-                after: list[tuple[Case, Implementation]] | None = None) -> Repro:
+                after: list[tuple[Case, Implementation]] | None = None, compare: dict[str, Any] | None = None) -> Repro:
     """`after`: the calls that preceded an order-dependent failure (notes["order"]["after"] of its
-    result); they are replayed in this process before judging, and in the script before the call."""
+    result); they are replayed in this process before judging, and in the script before the call.
+    `compare`: another device's report, for the triage table."""
     session = session.without_known()  # a KNOWN finding is reproduced as the failure it is
     facts, tol = session.facts, session.tolerances
     after = after or []
@@ -262,11 +140,11 @@ def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Pat
         pt.unlink(missing_ok=True)
     code, output = run_script(script, facts.device)
     fp = session.fingerprint()
-    body = issue_body(title=title or default_title(facts, impl.name, case, sig, result), case=case, impl=impl,
-                      facts=facts, result=result, sig=sig, script=script_text, script_exit=code, output=output,
-                      controls=_controls(refs, impl, session, sig.tensor, _level(result, sig.tensor))
-                      if sig.tensor else [], tol=tol, note=note,
-                      shrunk=shrunk, fp=fp, collect_env=_collect_env() if collect_env else "", after=after)
+    level = failing_level(result, sig.tensor) if sig.tensor else "tensor"
+    evidence = Evidence(case, impl, facts, result, sig, tol, fp, script_text, code, output,
+                        triage(case, refs, impl, session, sig.tensor, level, compare) if sig.tensor else [],
+                        shrunk, tuple(after), _collect_env() if collect_env else "")
+    body = issue_body(evidence, title or default_title(facts, impl.name, case, sig, result), note)
     pictures: list[Path] = []
     if plots and sig.tensor:
         why_not = available()
@@ -275,8 +153,8 @@ def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Pat
         factors = {lv: tol.rule(case.dtype, lv).factor for lv in ("tensor", "slice", "row")}
         pictures = draw_failure(result.tensors[sig.tensor], out_dir, f"{impl.name} on {case.id}", factors)
     if pictures:
-        body = body.replace("### Why this is beyond", "".join(f"![{p.stem}]({p.name})\n\n" for p in pictures)
-                            + "### Why this is beyond", 1)
+        body = body.replace("### To reproduce", "".join(f"![{p.stem}]({p.name}) (attach {p.name} to the issue)\n\n"
+                                                        for p in pictures) + "### To reproduce", 1)
     if code == 0:
         body = ("> **The script did not reproduce the failure on this machine (exit 0)**: do not file this as is.\n\n"
                 + body)

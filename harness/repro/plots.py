@@ -28,6 +28,7 @@ def draw_failure(verdict: TensorVerdict, out_dir: Path, title: str, factors: dic
     import matplotlib  # optional (the `plots` extra), checked by available() above
 
     matplotlib.use("Agg")
+    import matplotlib.colors  # noqa: F401 - the optional dependency's own module, for TwoSlopeNorm
     import matplotlib.pyplot as plt  # after use("Agg"): no display on a CI runner
 
     name = verdict.tensor
@@ -37,27 +38,37 @@ def draw_failure(verdict: TensorVerdict, out_dir: Path, title: str, factors: dic
     paths = []
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * heads.shape[1] + 2), max(2.5, 0.4 * heads.shape[0] + 1.5)))
-    im = ax.imshow(heads.numpy(), cmap="magma", aspect="auto")
+    # centred on the slice factor: a barely passing head reads yellow, not "best"
+    factor = (factors or {}).get("slice", 2.5)
+    norm = matplotlib.colors.TwoSlopeNorm(vmin=0.0, vcenter=factor, vmax=max(2 * factor, float(heads.max())))
+    im = ax.imshow(heads.numpy(), cmap="RdYlGn_r", norm=norm, aspect="auto")
+    ax.set_xticks(range(heads.shape[1]))
+    ax.set_yticks(range(heads.shape[0]))
     ax.set_xlabel("kv head" if name in ("dk", "dv") else "query head")
     ax.set_ylabel("batch")
     ax.set_title(f"{name}: error / scale per (batch, head)\n{title}", fontsize=9)
     fig.colorbar(im, ax=ax)
     if heads.numel() <= 64:
         for (b, h), value in zip(((b, h) for b in range(heads.shape[0]) for h in range(heads.shape[1])), heads.flatten()):
-            ax.text(h, b, f"{float(value):.2g}", ha="center", va="center", fontsize=7, color="cyan")
+            ax.text(h, b, f"{float(value):.2g}", ha="center", va="center", fontsize=7, color="black")
     paths.append(out_dir / "heads.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     flat = rows.reshape(-1, rows.shape[-1])
-    for series in flat[:64]:
-        ax.plot(series.numpy(), color="0.75", linewidth=0.6)
-    ax.plot(flat.amax(0).numpy(), color="C3", linewidth=1.2, label="worst (batch, head)")
+    if flat.shape[-1] == 1:  # decode: one query row per (batch, head); plot it across the heads instead
+        ax.plot(flat[:, 0].numpy(), "o", color="C3", label="the one row of each (batch, head)")
+        ax.set_xlabel("(batch, head), batch-major")
+    else:
+        marker = "o" if flat.shape[-1] <= 8 else None
+        for series in flat[:64]:
+            ax.plot(series.numpy(), color="0.75", linewidth=0.6, marker=marker)
+        ax.plot(flat.amax(0).numpy(), color="C3", linewidth=1.2, marker=marker, label="worst (batch, head)")
+        ax.set_xlabel("key position" if name in ("dk", "dv") else "query position")
     if factors and "row" in factors:
         ax.axhline(factors["row"], color="k", linestyle="--", linewidth=0.8, label=f"row factor {factors['row']:g}")
     ax.set_yscale("log")
-    ax.set_xlabel("key position" if name in ("dk", "dv") else "query position")
     ax.set_ylabel("row error / scale")
     ax.set_title(f"{name}: error / scale by position\n{title}", fontsize=9)
     ax.legend(fontsize=8)
