@@ -108,3 +108,12 @@ def real_oom(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
     """Asks the device for 16 TiB: a real torch.OutOfMemoryError from the caching allocator."""
     torch.empty(1 << 42, dtype=torch.float32, device=query.device)
     return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+
+
+def device_assert(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """A real sticky device error on a GPU: an out-of-bounds gather trips a device-side assert, after which
+    every call in the process fails. On the CPU the same index is an ordinary IndexError."""
+    index = torch.tensor([query.shape[0] + 7], device=query.device)
+    query = query[index]
+    torch.cuda.synchronize(query.device) if query.is_cuda else None
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
