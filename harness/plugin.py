@@ -33,12 +33,13 @@ from .core.suites import SuiteCase, SuiteError, select_cases
 from .implementations import RegistryError
 from .options import add_run_options
 from .reports.explain import result_text
-from .reports.report import build_report, render_markdown
-from .reports.store import JsonlSink, read_stream, stream_path, write_report, write_stream
+from .reports.merge import write_run
+from .reports.store import JsonlSink, ReportError, read_stream
 from .run.env import DeviceError
 from .run.pinning import pin_worker
-from .run.plan import canary_cases
+from .run.plan import canary_cases, case_sources, with_sources
 from .run.session import CaseRunner, Session
+from .run.shards import ShardError, shard_fingerprint, shard_selection
 
 register_profiles()  # dev/ci/nightly exist before Hypothesis's own plugin loads --hypothesis-profile
 
@@ -143,6 +144,8 @@ class RunState:
     runner: CaseRunner | None = None
     sink: JsonlSink | None = None
     merged: tuple[dict[str, Any], Path] | None = None
+    shard: dict[str, Any] | None = None  # --gqa-shard I/N: the shard's settings block (run/shards.py)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # case id -> its suite file and line
 
     def setup(self, device: str | None, impl_names: list[str]) -> None:
         self.session = Session.open(device)
@@ -153,11 +156,12 @@ class RunState:
         if self.runner is None:
             worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
             self.sink = JsonlSink(self.out / PARTS / f"{self.session.label}.{worker}.jsonl")
-            self.sink({"type": "fingerprint", "worker": worker, "fingerprint": self.session.fingerprint(),
+            self.sink({"type": "fingerprint", "worker": worker, "shard": self.shard,
+                       "fingerprint": shard_fingerprint(self.session.fingerprint(), self.shard),
                        "pinned": self.pinned, "implementations": [i.name for i in self.impls if not i.canary],
                        "unavailable": self.unavailable, "tolerances": self.session.tolerances.as_dict(),
                        "known_entries": [k.id for k in self.session.known]})
-            self.runner = CaseRunner(self.session, isolate=self.isolate, sink=self.sink)
+            self.runner = CaseRunner(self.session, isolate=self.isolate, sink=with_sources(self.sink, self.sources))
         result = self.runner.run(case, impl)
         self.sink({"type": "result", **result.to_dict()})
         return result
@@ -188,11 +192,9 @@ def merge_parts(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Pa
     settings = {**settings, "implementations": heads[0]["implementations"], "unavailable": heads[0]["unavailable"],
                 "tolerances": heads[0]["tolerances"], "known_entries": heads[0]["known_entries"],
                 "pytest_workers": {h["worker"]: {"pinned": h["pinned"], "device": h["fingerprint"].get("device"),
-                                                 "device_name": h["fingerprint"].get("device_name")} for h in heads}}
-    body = [r for r in records if r.get("type") in ("case", "result")]
-    report = build_report(body, fp, settings)
-    write_stream(stream_path(out, fp.get("device_label", "unknown")), body)
-    return report, write_report(out, report, render_markdown(report))
+                                                 "device_name": h["fingerprint"].get("device_name")} for h in heads},
+                "shard": heads[0].get("shard")}
+    return write_run(out, records, fp, settings)
 
 
 # --- items -------------------------------------------------------------------------------------
@@ -225,16 +227,24 @@ class GqaItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
+        # The suite entry that defines the case (0-based line, as pytest counts), so a failure's location,
+        # and pytest-github-actions-annotate-failures' annotation, point at the TOML line.
+        sc = self.suite_case
+        if sc is not None and sc.line and sc.source:
+            return Path(sc.source.rsplit(":", 1)[0]).resolve(), sc.line - 1, f"gqa::{self.name}"
         return self.path, None, f"gqa::{self.name}"
 
 
 def make_items(session: pytest.Session, state: RunState) -> list[GqaItem]:
     config = session.config
     try:
-        chosen = select_cases(config.getoption("gqa_suite"), config.getoption("gqa_case"),
-                              config.getoption("gqa_dtype"), config.getoption("gqa_max_tokens"))
+        chosen, state.shard = shard_selection(
+            select_cases(config.getoption("gqa_suite"), config.getoption("gqa_case"), config.getoption("gqa_dtype"),
+                         config.getoption("gqa_max_tokens")), config.getoption("gqa_shard"),
+            config.getoption("gqa_shard_by_time"))
+        state.sources = case_sources(chosen)
         state.setup(config.getoption("gqa_device"), config.getoption("gqa_impl"))
-    except (CaseError, SuiteError, RegistryError, DeviceError) as exc:
+    except (CaseError, SuiteError, RegistryError, DeviceError, ShardError, ReportError) as exc:
         raise pytest.UsageError(f"gqa-harness: {exc}") from None
     parent = GqaCollection.from_parent(session, name="gqa", nodeid="gqa")
     work = [(sc, impl) for sc in chosen for impl in state.impls if not impl.canary]

@@ -38,6 +38,7 @@ device = "cpu-*"
 torch = "{torch}"
 max_ratio = {ceiling}
 evidence = "test"
+cite = "reports/findings/cpu-flash-gqa-dkdv-group-sum"
 '''
 
 

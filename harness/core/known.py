@@ -8,19 +8,24 @@
     min_group_size = 8           # only cases with at least this group size
     device = "cpu*"              # fnmatch pattern on the device label (cpu-x86_64, cuda-sm_90, rocm-gfx942)
     torch = ">=2.11,<2.14"       # version range (comma = and), or an fnmatch pattern like "2.13*"
-    cuda = ">=12.4"              # likewise cuda, hip, cudnn (9.19.0), rocm_fa_library ("aotriton"/"ck")
+    cuda = ">=12.4"              # likewise any of VERSION_KEYS: cuda, hip, cudnn (9.19.0 as loaded),
+                                 # rocm_fa_library ("aotriton"/"ck"), rocm, aotriton (0.11.1, from the
+                                 # wheel's aotriton/config.h), aotriton_experimental (the env variable),
+                                 # flash_attn, xformers, triton, hip_runtime, miopen, cuda_runtime, nvidia_driver
     max_ratio = 1.2              # ceiling on the tensor-level error/scale, or per tensor: {dk = 1.2, dv = 1.3}
     ratio_per_sqrt_group = true  # ... times sqrt(group_size), for a bug that grows like a low-precision group sum
     max_slice_ratio = 1.5        # optional ceilings at the other levels (same forms, same scaling)
     max_row_ratio = 3.0
-    evidence = "why this is a real backend bug, with the figures or the upstream link"
+    evidence = "why this is a real backend bug, with the figures"
+    cite = ["https://github.com/pytorch/pytorch/issues/NNN", "reports/findings/<dir>"]   # required: at least one
 
 A FAIL beyond any ceiling stays FAIL, and so does a failure at a level the entry has no
 ceiling for (a known entry never hides a new or worse failure); a gross failure (NaN, O(1)
 error) is never absorbed. An entry that matched results in a run but absorbed no failure is
 FIXED: the run says so, and `gqa-harness known` lists entries no recent report has matched.
-The AOTriton and CK versions are not exposed by torch's Python API; `rocm_fa_library` (which
-of the two ROCm flash libraries is in use) is.
+Every entry cites its evidence (`cite`): an upstream link (http/https) or a reports/findings/
+directory of this repository, which must exist; the loader refuses an entry that cites neither.
+The values entries range on come from run/env.environment_versions (the fingerprint's `versions`).
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ from .results import TENSORS
 from .suites import CASES_DIR
 
 KNOWN_FILE = CASES_DIR / "known-failures.toml"
-VERSION_KEYS = ("torch", "cuda", "hip", "cudnn", "rocm_fa_library")
+VERSION_KEYS = ("torch", "cuda", "hip", "cudnn", "rocm_fa_library", "rocm", "aotriton", "aotriton_experimental",
+                "flash_attn", "xformers", "triton", "hip_runtime", "miopen", "cuda_runtime", "nvidia_driver")
 _KEYS = {"id", "case", "impl", "min_group_size", "tensors", "device", *VERSION_KEYS, "max_ratio",
-         "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence"}
+         "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence", "cite"}
+_LINK = re.compile(r"^https?://\S+$")
+FINDINGS = "reports/findings/"
 _RANGE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
 
 Ceiling = float | dict[str, float] | None
@@ -116,10 +124,21 @@ class KnownFailure:
     hip: str = "*"
     cudnn: str = "*"
     rocm_fa_library: str = "*"
+    rocm: str = "*"
+    aotriton: str = "*"
+    aotriton_experimental: str = "*"
+    flash_attn: str = "*"
+    xformers: str = "*"
+    triton: str = "*"
+    hip_runtime: str = "*"
+    miopen: str = "*"
+    cuda_runtime: str = "*"
+    nvidia_driver: str = "*"
+    cite: tuple[str, ...] = ()  # upstream links and reports/findings/ directories
 
     def matches(self, case_id: str, impl: str, tensor: str, device_label: str, versions: dict[str, str | None],
                 group_size: int = 1) -> bool:
-        """`versions`: the environment's torch, cuda, hip, cudnn and rocm_fa_library (run.env.environment_versions)."""
+        """`versions`: the environment's values of VERSION_KEYS (run.env.environment_versions)."""
         return (group_size >= self.min_group_size and fnmatch.fnmatchcase(case_id, self.case)
                 and any(fnmatch.fnmatchcase(impl, p) for p in self.impl)
                 and tensor in self.tensors and fnmatch.fnmatchcase(device_label, self.device)
@@ -170,7 +189,37 @@ def _ceiling(entry: dict, key: str, tensors: tuple[str, ...], where: str) -> Cei
     return {t: float(v) for t, v in raw.items()} if isinstance(raw, dict) else float(raw)
 
 
-def parse_entry(entry: dict[str, Any], where: str) -> KnownFailure:
+def _citations(entry: dict[str, Any], where: str, roots: tuple[Path, ...]) -> tuple[str, ...]:
+    """The entry's `cite`: each an upstream link or an existing reports/findings/ directory."""
+    raw = entry.get("cite", [])
+    cites = [raw] if isinstance(raw, str) else raw
+    if not isinstance(cites, list) or not all(isinstance(c, str) for c in cites) or not cites:
+        raise KnownFailuresError(f"{where}: cites neither an upstream link nor a {FINDINGS} directory: add "
+                                 f"cite = [\"https://...\"] or cite = [\"{FINDINGS}<dir>\"]")
+    for c in cites:
+        if _LINK.match(c):
+            continue
+        if not c.startswith(FINDINGS) or c.rstrip("/") == FINDINGS.rstrip("/"):
+            raise KnownFailuresError(f"{where}: cite {c!r} is neither an http(s) link nor a {FINDINGS}<dir> path")
+        if roots and not any((root / c).is_dir() for root in roots):
+            raise KnownFailuresError(f"{where}: cite {c!r}: no such directory")
+    return tuple(cites)
+
+
+def entry_lines(path: Path) -> dict[str, int]:
+    """Entry id -> the line of its [[known]] table (1-based), for annotations that point at an entry."""
+    lines, start = {}, 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if re.match(r"\s*\[\[\s*known\s*\]\]", line):
+            start = n
+        m = re.match(r"""\s*id\s*=\s*["']([^"']+)["']""", line)
+        if m and start:
+            lines.setdefault(m[1], start)
+    return lines
+
+
+def parse_entry(entry: dict[str, Any], where: str, roots: tuple[Path, ...] = ()) -> KnownFailure:
+    """One [[known]] table; `roots`: where a reports/findings/ citation must exist (none: not checked)."""
     unknown = set(entry) - _KEYS
     if unknown:
         raise KnownFailuresError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -194,7 +243,7 @@ def parse_entry(entry: dict[str, Any], where: str) -> KnownFailure:
         ratio_per_sqrt_group=bool(entry.get("ratio_per_sqrt_group", False)),
         max_slice_ratio=_ceiling(entry, "max_slice_ratio", tensors, where),
         max_row_ratio=_ceiling(entry, "max_row_ratio", tensors, where),
-        min_group_size=int(entry.get("min_group_size", 1)), **versions,
+        min_group_size=int(entry.get("min_group_size", 1)), cite=_citations(entry, where, roots), **versions,
     )
 
 
@@ -206,7 +255,8 @@ def load_known(path: Path | None = None) -> list[KnownFailure]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise KnownFailuresError(f"{path}: malformed TOML: {exc}") from None
-    entries = [parse_entry(entry, f"{path}: entry {i + 1}") for i, entry in enumerate(data.get("known", []))]
+    roots = (path.resolve().parent.parent, CASES_DIR.parent)  # the repository of the file, and the harness's
+    entries = [parse_entry(entry, f"{path}: entry {i + 1}", roots) for i, entry in enumerate(data.get("known", []))]
     ids = [e.id for e in entries]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,6 +52,8 @@ class SuiteCase:
     tags: tuple[str, ...] = ()
     notes: str = ""
     source: str = ""  # "file:line" of the entry that made it
+    file: str = ""  # the suite file, relative to the repository when under it (cases/smoke.toml); "" inline
+    line: int = 0  # the line of its [[case]] table (1-based; 0 unknown)
 
 
 # --- finding suites ----------------------------------------------------------------------
@@ -115,6 +117,15 @@ def _field_in_message(message: str, entry: dict[str, Any]) -> str | None:
             if key in entry:
                 return key
     return None
+
+
+def display_path(source: str) -> str:
+    """A suite file as annotations and reports name it: relative to the repository holding cases/ when
+    under it (cases/smoke.toml), else as given."""
+    try:
+        return Path(source).resolve().relative_to(CASES_DIR.parent).as_posix()
+    except (ValueError, OSError):
+        return source
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -197,7 +208,7 @@ def load_suite_text(text: str, source: str) -> list[SuiteCase]:
             if case.id in seen:
                 error(None, f"duplicate case id {case.id} (first made at {seen[case.id]})")
             seen[case.id] = where
-            out.append(SuiteCase(case, name, tags, notes, where))
+            out.append(SuiteCase(case, name, tags, notes, where, display_path(source), span[0] if span else 0))
     return out
 
 
@@ -258,7 +269,7 @@ def select_cases(suites: Iterable[str], specs: Iterable[str] = (), dtypes: str |
         if case.id in seen:
             continue
         seen.add(case.id)
-        out.append(SuiteCase(case, sc.name, sc.tags, sc.notes, sc.source))
+        out.append(replace(sc, case=case))
     return out
 
 

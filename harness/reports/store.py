@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .schema import first_error
+
 SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "fingerprint", "settings", "cases", "results")
 
@@ -71,6 +73,26 @@ def read_stream(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_stream_strict(path: Path) -> list[dict[str, Any]]:
+    """Records of a finished stream, every line checked (JSON, then the stream schema): what a merge
+    trusts. A bad line, a torn last one included, is a StreamError naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StreamError(f"{path}: corrupt stream ({type(exc).__name__}: {exc})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StreamError(f"{path}:{n}: corrupt stream (not JSON: {exc.msg})") from None
+        problem = first_error(record, "stream")
+        if problem:
+            raise StreamError(f"{path}:{n}: corrupt stream ({problem})")
+        records.append(record)
+    return records
+
+
 def repair_stream(path: Path) -> None:
     """Cut a torn last line (a run killed mid-write) so appended records start on a line of their own."""
     if not path.exists():
@@ -86,7 +108,7 @@ def done_results(records: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 
 # Fingerprint fields a resumed run must share with the stream it continues.
-RESUME_KEYS = ("device_label", "torch", "cuda", "hip", "cudnn", "harness")
+RESUME_KEYS = ("device_label", "torch", "cuda", "hip", "cudnn", "harness", "shard")
 
 
 def open_stream(path: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[JsonlSink, set[tuple[str, str]]]:
@@ -122,6 +144,10 @@ class SavedRun:
     def markdown(self) -> Path | None:
         md = self.json.with_suffix(".md")
         return md if md.is_file() else None
+
+    @property
+    def stream(self) -> Path:
+        return self.json.with_suffix(".jsonl")
 
     @property
     def label(self) -> str:
@@ -164,7 +190,26 @@ def load_report(path: str | Path) -> dict[str, Any]:
     missing = missing_keys(report)
     if missing:
         raise ReportError(f"{path}: not a gqa-harness report (missing {', '.join(missing)})")
+    # The schema describes schema 1; a report of another version is refused by what reads it, by version.
+    problem = first_error(report, "report") if report["schema_version"] == SCHEMA_VERSION else None
+    if problem:
+        raise ReportError(f"{path}: not a valid report ({problem})")
     return report
+
+
+def load_json(path: str | Path, kind: str) -> dict[str, Any]:
+    """A bench, calibration, audit or noise file, checked against its schema (harness/reports/schema/)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such {kind} file") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: not a JSON {kind} file ({type(exc).__name__}: {exc})") from None
+    problem = first_error(data, kind)
+    if problem:
+        raise ReportError(f"{path}: not a valid {kind} file ({problem})")
+    return data
 
 
 def find_reports(paths: list[Path], recursive: bool = False) -> list[SavedRun]:

@@ -1,14 +1,25 @@
-"""Device facts and the environment fingerprint written into every report."""
+"""Device facts and the environment fingerprint written into every report.
+
+Besides the device and torch's own versions, the fingerprint carries what triage needs: `versions`
+(every value a known-failure entry can range on: core/known.VERSION_KEYS) and `collect_env`, the
+fields of torch.utils.collect_env.get_env_info() that bear on numerics (runtime versions of CUDA,
+HIP and MIOpen, the driver, allocator settings, the pip packages torch lists), read once per process.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import collect_env
 
 from .. import __version__
 from ..implementations import DeviceFacts
@@ -78,11 +89,70 @@ def rocm_fa_library() -> str | None:
         return None
 
 
-def environment_versions() -> dict[str, str | None]:
-    """The versions known-failure entries can be ranged on, from this process's torch."""
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+# collect_env fields that bear on numerics or on reproducing a run; the rest (compilers aside) is host detail.
+COLLECT_ENV_FIELDS = ("torch_version", "is_debug_build", "cuda_compiled_version", "cuda_runtime_version",
+                      "cuda_module_loading", "nvidia_driver_version", "nvidia_gpu_models", "cudnn_version",
+                      "hip_compiled_version", "hip_runtime_version", "miopen_runtime_version",
+                      "caching_allocator_config", "os", "libc_version", "gcc_version", "pip_packages")
+
+
+def _na(value: Any) -> Any:
+    return None if value in ("N/A", "", "None", "Could not collect") else value
+
+
+@functools.lru_cache(maxsize=1)
+def collect_env_facts() -> dict[str, Any]:
+    """The fields of torch.utils.collect_env.get_env_info() in COLLECT_ENV_FIELDS ("N/A" as null), pip
+    packages as {name: version}; once per process (it runs pip and the driver tools: ~0.5 s)."""
+    try:
+        info = collect_env.get_env_info()._asdict()
+    except Exception as exc:  # noqa: BLE001 - a triage aid must never stop a run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out = {k: _na(info.get(k)) for k in COLLECT_ENV_FIELDS if k in info}
+    pins = (line.strip().split("==", 1) for line in str(info.get("pip_packages") or "").splitlines() if "==" in line)
+    out["pip_packages"] = {name.strip(): version.strip() for name, version in pins}
+    if isinstance(out.get("caching_allocator_config"), dict):
+        out["caching_allocator_config"] = {str(k): str(v) for k, v in out["caching_allocator_config"].items()}
+    return {k: v if isinstance(v, (dict, type(None))) else str(v) for k, v in out.items()}
+
+
+def aotriton_version(torch_dir: Path | None = None) -> str | None:
+    """The AOTriton version a ROCm wheel ships, from torch/include/aotriton/config.h (None without it)."""
+    path = (torch_dir or Path(torch.__file__).parent) / "include" / "aotriton" / "config.h"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    parts = dict(re.findall(r"#define\s+AOTRITON_VERSION_(MAJOR|MINOR|PATCH)(?:_INT)?\s+(\d+)", text))
+    if "MAJOR" not in parts or "MINOR" not in parts:
+        return None
+    return ".".join(parts[k] for k in ("MAJOR", "MINOR", "PATCH") if k in parts)
+
+
+def package_version(*names: str) -> str | None:
+    """The installed version of the first of `names` present (read from metadata: nothing is imported)."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment_versions(environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """The versions known-failure entries can be ranged on (core/known.VERSION_KEYS), from this process."""
+    environ = os.environ if environ is None else environ
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None  # as loaded
+    info = collect_env_facts()
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip,
-            "cudnn": cudnn_version(cudnn), "rocm_fa_library": rocm_fa_library()}
+            "cudnn": cudnn_version(cudnn), "rocm_fa_library": rocm_fa_library(), "rocm": rocm_version(environ),
+            "aotriton": aotriton_version(), "aotriton_experimental": environ.get("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"),
+            "flash_attn": package_version("flash_attn", "flash-attn"), "xformers": package_version("xformers"),
+            "triton": package_version("triton", "pytorch-triton-rocm", "pytorch-triton"),
+            "hip_runtime": info.get("hip_runtime_version"), "miopen": info.get("miopen_runtime_version"),
+            # collect_env reads the runtime from nvcc: only a CUDA build of torch makes it this run's
+            "cuda_runtime": info.get("cuda_runtime_version") if torch.version.cuda else None,
+            "nvidia_driver": info.get("nvidia_driver_version")}
 
 
 def math_reduction_allowed() -> bool | None:
@@ -158,6 +228,8 @@ def fingerprint(facts: DeviceFacts) -> dict[str, object]:
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "math_fp16_bf16_reduction_allowed": math_reduction_allowed(),
+        "versions": {**environment_versions(), "torch": facts.torch_version},
+        "collect_env": collect_env_facts(),
     }
     if facts.kind == "cuda" and torch.cuda.is_available():
         fp["driver"] = _nvidia_driver()

@@ -7,12 +7,13 @@ keeps everything already computed; the final JSON/Markdown report is built from 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..core.case import Case
 from ..core.results import ImplResult, Status
+from ..core.suites import SuiteCase
 from ..implementations import Implementation
 from ..implementations.canary import CANARY_CASE
 from .order import OrderChecker
@@ -33,6 +34,25 @@ class RunPlan:
     shuffle: int | None = None  # --shuffle SEED: random work order (order-dependence hunting)
     order_check: bool = True  # re-run every FAIL alone in a fresh process (order.py); isolated runs only
     log_dir: Path | None = None  # worker stdout/stderr logs
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # case id -> its suite file and line
+
+
+def case_sources(chosen: Iterable[SuiteCase]) -> dict[str, dict[str, Any]]:
+    """Case id -> {"file", "line"} of the suite entry that defined it (inline --case: none)."""
+    return {sc.case.id: {"file": sc.file, "line": sc.line} for sc in chosen if sc.file}
+
+
+def with_sources(sink: Callable[[dict[str, Any]], None],
+                 sources: dict[str, dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+    """`sink`, with each case record given the suite file and line of its case: what annotations point at."""
+    if not sources:
+        return sink
+
+    def write(record: dict[str, Any]) -> None:
+        if record.get("type") == "case" and record.get("case_id") in sources:
+            record = {**record, "source": sources[record["case_id"]]}
+        sink(record)
+    return write
 
 
 def canary_cases(cases: Iterable[Case]) -> list[Case]:
@@ -76,7 +96,7 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
     count = 0
     checker = OrderChecker(session, plan.timeout, plan.log_dir) if plan.isolate and plan.order_check else None
     with CaseRunner(session, isolate=plan.isolate, timeout=plan.timeout, repeat=plan.repeat, log_dir=plan.log_dir,
-                    sink=sink) as runner:
+                    sink=with_sources(sink, plan.sources)) as runner:
         for case, impls in work:
             todo = [i for i in impls if (case.id, i.name) not in done]
             count += len(impls) - len(todo)
