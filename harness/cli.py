@@ -24,7 +24,7 @@ from .lab.calibrate import calibrate_command
 from .options import build_parser
 from .reports.bugs import bug_summaries
 from .reports.compare import build_matrix, render_matrix, write_matrix
-from .reports.diff import diff_reports, measure_noise, noise_for, render_diff
+from .reports.diff import diff_reports, measure_noise, noise_for, parse_renames, render_diff
 from .reports.explain import result_text
 from .reports.merge import MergeError, merge_shards, merged_line
 from .reports.ledger import fixed_in_run, known_command
@@ -186,7 +186,8 @@ def cmd_compare(args) -> int:
 
 def cmd_diff(args) -> int:
     baseline, new = load_report(args.baseline), load_report(args.new)
-    result = diff_reports(baseline, new, noise_for(Path(args.baseline), baseline, args.noise))
+    result = diff_reports(baseline, new, noise_for(Path(args.baseline), baseline, args.noise), partial=args.partial,
+                          renames=parse_renames(args.rename))
     text = render_diff(result, args.baseline, args.new)
     if args.out:
         out = Path(args.out)

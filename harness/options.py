@@ -85,8 +85,12 @@ def _report_parsers(sub) -> None:
     dif = sub.add_parser("diff", help="CI gate: exit 1 when NEW regressed against BASELINE")
     dif.add_argument("baseline", help="baseline report, e.g. reports/baselines/cpu-x86_64.json")
     dif.add_argument("new", help="the new report of the same device")
-    dif.add_argument("--noise", default=None, help="noise-band file (default: <baseline>.noise.json beside it)")
+    dif.add_argument("--noise", default=None, help="noise-band file (default: <baseline>.noise.json beside it, else "
+                     "the band from the committed calibration, reports/calibration/)")
     dif.add_argument("--out", default=None, help="also write FILE.md and FILE.json")
+    dif.add_argument("--partial", action="store_true", help="compare only the cases NEW ran (one shard gates its job)")
+    dif.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                     help="the baseline's implementation OLD is NEW in the new report (e.g. a renamed module); repeatable")
     merge = sub.add_parser("merge", help="join the shards of one device (run --shard I/N) into one report")
     merge.add_argument("dirs", nargs="+", metavar="DIR", help="each shard's report directory (its --out)")
     merge.add_argument("--out", default="gqa-report", help="directory for the merged report (default: gqa-report)")

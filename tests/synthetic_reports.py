@@ -6,6 +6,7 @@ synthetic, so several 'devices' can be built on one CPU."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 import tempfile
@@ -16,11 +17,14 @@ from harness.reports.report import build_report
 from harness.reports.store import JsonlSink, read_stream
 from harness.run.session import run_one
 from tests.helpers import cached_references, session
-from tests import repro_kernels
+from tests import repro_kernels, wrong_kernels
 
 # Tiny but judged at every level (tensor and slice >= 256 elements, rows of 64).
 CASES = (Case(1, 4, 2, 16, 16, 64), Case(1, 4, 2, 16, 16, 64, causal="top-left"))
-KERNELS = {"correct": repro_kernels.correct, "tiled": repro_kernels.tiled_kv_heads}
+# name -> a kernel callable, or a built-in implementation's name (run under the report's implementation name)
+KERNELS = {"correct": repro_kernels.correct, "tiled": repro_kernels.tiled_kv_heads,
+           "fp32-reference": wrong_kernels.fp32_reference, "bf16-group-sum": wrong_kernels.bf16_group_sum,
+           "expanded-kv-flash": "expanded-kv-flash"}
 
 DEVICES = {
     "cpu": {"device_label": "cpu-x86_64", "device_name": "x86_64", "device": "cpu", "torch": "2.13.0+cpu"},
@@ -35,7 +39,11 @@ DEVICES = {
 @lru_cache(maxsize=32)
 def _records(case: Case, kernel: str, impl_name: str) -> tuple[dict, dict]:
     refs = cached_references(case)
-    impl = implementation_from_callable(KERNELS[kernel], impl_name)
+    target = KERNELS[kernel]
+    if isinstance(target, str):
+        impl = dataclasses.replace(session().resolve([target])[0][0], name=impl_name)
+    else:
+        impl = implementation_from_callable(target, impl_name)
     result = run_one(session(), refs, impl)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.jsonl"
