@@ -23,6 +23,7 @@ from .lab.bench import BenchConfig, bench_command
 from .lab.calibrate import calibrate_command
 from .options import build_parser
 from .reports.bugs import bug_summaries
+from .reports.annotate import annotations
 from .reports.compare import build_matrix, render_matrix, write_matrix
 from .reports.diff import diff_reports, measure_noise, noise_for, parse_renames, render_diff
 from .reports.explain import result_text
@@ -129,6 +130,8 @@ def cmd_run(args) -> int:
         print(f"{session.label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; report {md}")
     for line in fixed_in_run(report):
         print(line, file=sys.stderr)
+    if os.environ.get("GITHUB_ACTIONS") == "true" and not args.json:  # in a workflow: the worst failures annotated
+        print("".join(f"{a}\n" for a in annotations([report])), end="")
     if report["results"] and not report["summary"]["canary_failed_as_expected"] and plan.canaries:
         print(f"the canary passed on {session.device}: this pipeline cannot fail here, its PASSes mean nothing",
               file=sys.stderr)
@@ -167,7 +170,7 @@ def cmd_implementations(args) -> int:
 
 def cmd_summary(args) -> int:
     code, printed = summarize([Path(p) for p in args.paths], args.suffix, args.prefix,
-                              args.limit if args.limit is not None else SUMMARY_LIMIT, dict(os.environ))
+                              args.limit if args.limit is not None else SUMMARY_LIMIT, dict(os.environ), args.annotations)
     sys.stdout.write(printed)
     return code
 

@@ -79,6 +79,9 @@ def _report_parsers(sub) -> None:
     summ.add_argument("--suffix", default="", help="makes the artifact name unique, e.g. the runner label")
     summ.add_argument("--prefix", default="gqa-report", help="artifact name prefix (default: gqa-report)")
     summ.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    summ.add_argument("--annotations", type=int, default=10, metavar="N", help="print GitHub ::error annotations for "
+                      "the N worst failures and ::warning for FIXED known failures (default 10, GitHub's per-step "
+                      "limit; 0: none)")
     cmp = sub.add_parser("compare", help="merge per-device reports into one cross-device matrix")
     cmp.add_argument("reports", nargs="+", help="report JSON files (<label>.json), one or more per device")
     cmp.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: Markdown on stdout)")

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .annotate import MAX_ANNOTATIONS, annotations
 from .store import ReportError, load_report
 
 # GitHub's documented per-step limit for $GITHUB_STEP_SUMMARY.
@@ -134,10 +135,12 @@ def write_outputs(output_file: Path, values: dict[str, str]) -> None:
             fh.write(f"{key}={value}\n")
 
 
-def summarize(paths: list[Path], suffix: str, prefix: str, limit: int, environ: dict[str, str]) -> tuple[int, str]:
+def summarize(paths: list[Path], suffix: str, prefix: str, limit: int, environ: dict[str, str],
+              max_annotations: int = MAX_ANNOTATIONS) -> tuple[int, str]:
     """Write the summary to $GITHUB_STEP_SUMMARY (or return it for stdout when unset) and the
-    step outputs to $GITHUB_OUTPUT. Exit status 1 when no report was found: the note and the
-    outputs are still written, so an `if: always()` upload keeps whatever the run left."""
+    step outputs to $GITHUB_OUTPUT; return the GitHub annotations of the worst failures (and FIXED
+    known failures) for stdout, at most `max_annotations` of each. Exit status 1 when no report was
+    found: the note and the outputs are still written, so an `if: always()` upload keeps whatever the run left."""
     reports = summary_pages(paths)
     name = artifact_name([r.label for r in reports], suffix, prefix)
     printed = ""
@@ -149,4 +152,6 @@ def summarize(paths: list[Path], suffix: str, prefix: str, limit: int, environ: 
     outputs = step_outputs(reports, name)
     if environ.get("GITHUB_OUTPUT"):
         write_outputs(Path(environ["GITHUB_OUTPUT"]), outputs)
-    return (0 if reports else 1), printed + "".join(f"{k}={v}\n" for k, v in outputs.items())
+    notes = annotations([load_report(r.json) for r in reports if r.json is not None], max_annotations)
+    return (0 if reports else 1), printed + "".join(f"{k}={v}\n" for k, v in outputs.items()) + \
+        "".join(f"{a}\n" for a in notes)
