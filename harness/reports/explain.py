@@ -12,6 +12,7 @@ from ..core.metrics import ranges
 
 FAILING = ("FAIL", "ERROR")
 KV_TENSORS = ("dk", "dv")  # their (batch, head) slices are kv heads; out and dq have query heads
+MAX_BATCHES = 4  # batches named in a heads list; the JSON has every (batch, head)
 
 
 def cell(text: Any) -> str:
@@ -36,7 +37,8 @@ def heads_text(heads: list[list[int]] | tuple[tuple[int, int], ...], tensor: str
     for b, h in heads:
         by_batch.setdefault(b, []).append(h)
     parts = [ranges(hs) + (f" (b{b})" if len(by_batch) > 1 or b else "") for b, hs in sorted(by_batch.items())]
-    return f"{kind}s " + "; ".join(parts)
+    more = f"; … in {len(parts)} batches" if len(parts) > MAX_BATCHES else ""
+    return f"{kind}s " + "; ".join(parts[:MAX_BATCHES]) + more
 
 
 def slice_shape(tensor: dict[str, Any]) -> tuple[int, int] | None:
