@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.workflow_steps import (ACTION, REPO, WORKFLOWS, action_steps, all_steps, jobs, load_yaml, resolve, run_job,
-                                  triggers, workflow_files, workflow_steps)
+from harness.cli import main
+from tests.test_plugin import statuses
+from tests.workflow_steps import (ACTION, REPO, WORKFLOWS, action_steps, all_steps, download, jobs, load_yaml, resolve,
+                                  run_job, triggers, uploads, workflow_files, workflow_steps)
 
 README, TESTS = "the README's install (already done here)", "this test suite itself"
 GPU = "GPU-marked tests: on a CPU they only skip"
@@ -32,13 +34,21 @@ SAME = "identical to a step executed in another job's test"
 NOT_RUN_HERE = {
     ("cpu.yml", "tests"): {"install": README, "tests": TESTS},
     ("cpu.yml", "smoke"): {"install": README},
+    ("cuda.yml", "plan"): {},
     ("cuda.yml", "gpu"): {"install": README, "unit": GPU},
-    ("rocm.yml", "gpu"): {"install": README, "env": SAME, "gpus": SAME, "run": SAME, "unit": GPU},
+    ("cuda.yml", "merge"): {"install": README},
+    ("rocm.yml", "plan"): {"plan": SAME},
+    ("rocm.yml", "gpu"): {"install": README, "env": SAME, "gpus": SAME, "run": SAME, "unit": GPU, "gate": SAME},
+    ("rocm.yml", "merge"): {"install": README, "merge": SAME, "summary": SAME, "gate": SAME},
+    ("nightly.yml", "plan"): {"plan": SAME},
     ("nightly.yml", "cpu"): {"install": README, "env": SAME, "edge": SAME, "hypothesis": TESTS},
     ("nightly.yml", "cuda"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
                               "hypothesis": GPU},
     ("nightly.yml", "rocm"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
                               "hypothesis": GPU},
+    ("nightly.yml", "merge-cpu"): {"install": README},
+    ("nightly.yml", "merge-cuda"): {"install": README, "models": SAME, "edge": SAME, "summary": SAME},
+    ("nightly.yml", "merge-rocm"): {"install": README, "models": SAME, "edge": SAME, "summary": SAME},
     ("nightly.yml", "compare"): {"install": README},
     ("action.yml", "action"): {"install": README},
 }
@@ -54,6 +64,7 @@ lq = 8
 d = 16
 dtype = "bf16"
 """
+SHARD_SUITE = TINY_SUITE.replace("hq = 2", "hq = [2, 4]").replace('dtype = "bf16"', 'dtype = ["bf16", "fp16"]')  # 2+2
 
 
 # ---- checks, each shown failing on something deliberately wrong ----------------------
@@ -139,7 +150,8 @@ def test_no_secrets_no_expressions_inside_shell_and_checkout_keeps_no_credential
 def test_rocm_jobs_run_in_the_digest_pinned_container_with_the_gpu_devices():
     flags = ("--device=/dev/kfd", "--device=/dev/dri", "--group-add video", "--security-opt seccomp=unconfined",
              "--shm-size=8g")
-    rocm_jobs = [(p, j) for p in workflow_files() for n, j in jobs(p).items() if "rocm" in n or p.name == "rocm.yml"]
+    rocm_jobs = [(p, j) for p in workflow_files() for n, j in jobs(p).items()
+                 if ("rocm" in n or p.name == "rocm.yml") and j.get("runs-on") != HOSTED]  # not the hosted plan/merge
     assert len(rocm_jobs) == 2
     for path, job in rocm_jobs:
         assert re.fullmatch(r"rocm/pytorch:[\w.-]+@sha256:[0-9a-f]{64}", job["container"]["image"]), path.name
@@ -247,20 +259,22 @@ def _as_device(report: Path, directory: Path, label: str) -> None:
     shutil.copy(report.with_suffix(".md"), directory / f"{label}.md")
 
 
-def _context(job: str, runner: str) -> dict[str, str]:
+def _context(job: str, runner: str, shard: int = 1, count: int = 1) -> dict[str, str]:
     return {"github.job": job, "join(matrix.runner, '-')": runner, "inputs.suite || 'smoke'": "smoke",
-            "env.GQA_OUT": "gqa-out", "env.GQA_MATRIX": "gqa-matrix", "env.GQA_REPORTS": "nightly-reports"}
+            "env.GQA_OUT": "gqa-out", "env.GQA_MATRIX": "gqa-matrix", "env.GQA_REPORTS": "nightly-reports",
+            "env.GQA_SHARDS_DIR": "gqa-shards", "matrix.shard": str(shard), "needs.plan.outputs.count": str(count),
+            **{f"inputs.shards || vars.GQA_{kind}_SHARDS || '1'": "1" for kind in ("CUDA", "ROCM", "NIGHTLY")}}
 
 
-def _run(source: str, job: str, tmp_path: Path, runner: str, overrides: dict[str, str], extra_skip=frozenset()):
+def _run(source: str, job: str, tmp_path: Path, runner: str, overrides: dict[str, str], extra_skip=frozenset(),
+         shard: int = 1, count: int = 1):
     steps = workflow_steps(WORKFLOWS / source, job)
     skip = set(NOT_RUN_HERE[(source, job)]) | set(extra_skip)
-    run = run_job(steps, _context(job, runner), overrides, skip, tmp_path, tmp_path / ".steps")
+    context = _context(job, runner, shard, count)
+    run = run_job(steps, context, overrides, skip, tmp_path, tmp_path / ".steps")
     for step_id, outcome in run.outcomes.items():
         assert outcome.returncode == 0, f"{source}:{job}:{step_id}\n{outcome.stdout}\n{outcome.stderr}"
-    upload = next(s for s in steps if s.uses and s.uses.startswith("actions/upload-artifact@"))
-    name = resolve(upload.with_["name"], _context(job, runner), run.outputs)
-    path = tmp_path / resolve(upload.with_["path"], _context(job, runner), run.outputs)
+    ((name, path),) = uploads(steps, context, run.outputs, tmp_path).items()
     return run, name, path
 
 
@@ -271,21 +285,78 @@ def test_cpu_workflow_smoke_job_runs_writes_the_summary_and_names_the_artifact(t
     assert name == "gqa-report-cpu-x86_64-smoke" and (path / "cpu-x86_64.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def shard_suite(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "four.toml"
+    path.write_text(SHARD_SUITE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, shard_suite) -> Path:
+    """The tiny suite in two shards with every default implementation, as a shard job's run step writes them
+    (shard 1 via the CLI, as another runner of the pool would), the unsharded run, and an sdpa-math baseline."""
+    root = tmp_path_factory.mktemp("sharded")
+    common = ["run", "--device", "cpu", "--suite", str(shard_suite), "--quiet", "--in-process"]
+    for args, out in (([], "full"), (["--shard", "1/2"], "shard1"), (["--shard", "2/2"], "shard2"),
+                      (["--shard", "1/1"], "one-shard"), (["--impl", "sdpa-math"], "baseline")):
+        assert main([*common, *args, "--out", str(root / out)]) == 0
+    return root
+
+
+def test_plan_job_turns_the_shard_count_into_the_matrix(tmp_path):
+    steps = workflow_steps(WORKFLOWS / "cuda.yml", "plan")
+    for count, shards in (("1", "[1]"), ("4", "[1,2,3,4]")):
+        run = run_job(steps, _context("plan", ""), {"GQA_SHARDS": count}, set(), tmp_path, tmp_path / f".s{count}")
+        assert run.outputs["plan"] == {"count": count, "shards": shards}
+    for source in ("cuda.yml", "rocm.yml", "nightly.yml"):
+        spec = jobs(WORKFLOWS / source)
+        shard_jobs = [n for n, j in spec.items() if "matrix.shard" in json.dumps(j)]
+        assert shard_jobs and all(spec[n]["needs"] == "plan" for n in shard_jobs), source
+        assert all("fromJSON(needs.plan.outputs.shards)" in str(spec[n]["strategy"]["matrix"]["shard"])
+                   for n in shard_jobs)
+
+
 @pytest.mark.parametrize("source,runner", [("cuda.yml", "nvidia-h100"), ("rocm.yml", "linux.rocm.gpu.gfx942.1")])
-def test_gpu_workflow_steps_run_on_the_cpu_with_only_the_device_and_suite_changed(tmp_path, tiny_suite, cpu_report,
-                                                                                 source, runner):
+def test_gpu_shard_jobs_then_the_merge_job_run_as_written(tmp_path, shard_suite, sharded, source, runner):
+    """Shard 2/2 runs the gpu job's steps on the CPU (only the device and suite changed; rocm.yml's
+    run steps are cuda.yml's, so its shards are placed), shard 1/2 is what another runner uploaded;
+    the merge job gets them as download-artifact leaves them and must give the unsharded statuses."""
     assert {s.env.get("GQA_DEVICE") for s in workflow_steps(WORKFLOWS / source, "gpu")} == {"cuda"}
-    _place_baseline(cpu_report, tmp_path / "reports" / "baselines")
-    skipped = NOT_RUN_HERE[(source, "gpu")]
-    if "run" in skipped:
-        _place(cpu_report, tmp_path / "gqa-out")
-    run, name, path = _run(source, "gpu", tmp_path, runner, {"GQA_DEVICE": "cpu", "GQA_SUITE": str(tiny_suite)})
-    if "gpus" not in skipped:
-        assert run.outputs["gpus"] == {"count": "0"}  # here: pytest -n 0; on a GPU runner, one worker per GPU
-        assert json.loads(run.outcomes["env"].stdout)["device_label"] == "cpu-x86_64"
-    assert name == f"gqa-report-cpu-x86_64-{runner}" and (path / "cpu-x86_64.json").is_file()
-    assert run.outputs["summary"]["report-json"] == "gqa-out/cpu-x86_64.json"
-    assert "## Canary: failed as expected" in run.summary
+    assert "--gqa-shard" in next(s.run for s in workflow_steps(WORKFLOWS / source, "gpu") if s.id == "run")
+    artifacts = {}
+    for shard in (1, 2):
+        job_dir = tmp_path / f"job{shard}"
+        _place_baseline(sharded / "baseline" / "cpu-x86_64.json", job_dir / "reports" / "baselines")
+        placed = "run" in NOT_RUN_HERE[(source, "gpu")] or shard == 1
+        if placed:  # what this shard's run step writes, made by the CLI
+            shutil.copytree(sharded / f"shard{shard}", job_dir / "gqa-out")
+        skip = {"env", "gpus", "run", "gate"} if placed else set()  # the gate: as the other shard's, run below
+        run, name, path = _run(source, "gpu", job_dir, runner, {"GQA_DEVICE": "cpu", "GQA_SUITE": str(shard_suite)},
+                               skip, shard=shard, count=2)
+        if not placed:
+            assert run.outputs["gpus"] == {"count": "0"}  # here: pytest -n 0; on a GPU runner, one worker per GPU
+            assert json.loads(run.outcomes["env"].stdout)["device_label"] == "cpu-x86_64"
+        assert name == f"gqa-shard-cpu-x86_64-{runner}-shard{shard}of2" and (path / "cpu-x86_64.json").is_file()
+        if not placed:
+            assert "--partial: compared the 2 case(s)" in run.outcomes["gate"].summary  # it gated its own cases
+        assert "::error" not in run.outcomes["summary"].stdout  # annotations come once, from the merge job
+        artifacts[name] = path
+    artifacts["gqa-shard-cpu-x86_64-nvidia-h100-80gb-shard1of2"] = artifacts[name]  # another label's: not ours
+    merge_dir = tmp_path / "merge"
+    _place_baseline(sharded / "baseline" / "cpu-x86_64.json", merge_dir / "reports" / "baselines")
+    merge_steps = workflow_steps(WORKFLOWS / source, "merge")
+    assert download(merge_steps, _context("merge", runner), artifacts, merge_dir) == sorted(
+        n for n in artifacts if "80gb" not in n)
+    if source == "cuda.yml":
+        run, name, path = _run(source, "merge", merge_dir, runner, {})
+        merged = json.loads((path / "cpu-x86_64.json").read_text())
+        assert statuses(merged) == statuses(json.loads((sharded / "full" / "cpu-x86_64.json").read_text()))
+        assert name == f"gqa-report-cpu-x86_64-{runner}" and "# gqa-harness report" in run.summary
+        assert "Gate: pass" in run.outcomes["gate"].summary
+    else:  # rocm.yml's merge steps are cuda.yml's (SAME): what it downloads is what the cuda test merged
+        assert [s.run for s in merge_steps if s.run] == [s.run for s in workflow_steps(WORKFLOWS / "cuda.yml", "merge")
+                                                         if s.run]
 
 
 def test_gpu_regression_gate_fails_when_the_baseline_has_a_row_the_new_report_lost(tmp_path, cpu_report):
@@ -301,11 +372,20 @@ def test_gpu_regression_gate_fails_when_the_baseline_has_a_row_the_new_report_lo
     assert "sdpa-gone" in run.outcomes["gate"].summary  # the gate's table went to the job summary too
 
 
-def test_nightly_cpu_job_runs_both_suites_into_one_artifact(tmp_path, tiny_suite, cpu_report):
-    _place(cpu_report, tmp_path / "gqa-out" / "edge")  # the edge step is the models step's command (SAME)
+def test_nightly_cpu_shard_then_its_merge_job_give_one_report_per_suite(tmp_path, tiny_suite, sharded):
+    shutil.copytree(sharded / "one-shard", tmp_path / "gqa-out" / "edge")  # the edge step is the models step (SAME)
     run, name, path = _run("nightly.yml", "cpu", tmp_path, "", {"GQA_SUITE": str(tiny_suite)})
-    assert name == "gqa-nightly-cpu-x86_64-cpu"
-    assert (path / "models" / "cpu-x86_64.json").is_file() and (path / "edge" / "cpu-x86_64.json").is_file()
+    assert name == "gqa-shard-nightly-cpu-x86_64-cpu-shard1of1"
+    assert json.loads((path / "models" / "cpu-x86_64.json").read_text())["settings"]["shard"]["shard"] == "1/1"
+    assert (path / "edge" / "cpu-x86_64.json").is_file()
+    merge_dir = tmp_path / "merge"
+    steps = workflow_steps(WORKFLOWS / "nightly.yml", "merge-cpu")
+    assert download(steps, _context("merge-cpu", ""), {name: path, "gqa-shard-nightly-cuda-sm_90-nvidia-h100-shard1of1":
+                                                        path}, merge_dir) == [name]
+    run, name, path = _run("nightly.yml", "merge-cpu", merge_dir, "", {})
+    assert name == "gqa-nightly-cpu-x86_64-cpu"  # what the compare job downloads (gqa-nightly-*)
+    for suite in ("models", "edge"):
+        assert json.loads((path / suite / "cpu-x86_64.json").read_text())["settings"]["merged"]["present"] == [1]
     assert run.summary.count("# gqa-harness report") == 2
 
 
@@ -314,7 +394,9 @@ def test_nightly_gpu_jobs_post_run_steps_work_on_cpu_reports(tmp_path, cpu_repor
     for suite in ("models", "edge"):
         _place(cpu_report, tmp_path / "gqa-out" / suite)
     run, name, path = _run("nightly.yml", job, tmp_path, runner, {"GQA_DEVICE": "cpu"})
-    assert name == f"gqa-nightly-cpu-x86_64-{runner}" and run.summary.count("# gqa-harness report") == 2
+    assert name == f"gqa-shard-nightly-cpu-x86_64-{runner}-shard1of1" and run.summary.count("# gqa-harness report") == 2
+    merge = workflow_steps(WORKFLOWS / "nightly.yml", f"merge-{job}")
+    assert download(merge, _context(f"merge-{job}", runner), {name: path}, tmp_path / "merge") == [name]
 
 
 def test_nightly_compare_job_builds_the_matrix_from_every_downloaded_artifact(tmp_path, cpu_report):
@@ -345,10 +427,11 @@ def wrong_scale(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 """
 
 
-def _action(tmp_path: Path, suite: Path, impls: str, baseline: str, skip: set[str]):
+def _action(tmp_path: Path, suite: Path, impls: str, baseline: str, skip: set[str], shard: str = "", shards: str = ""):
     (tmp_path / "usermod.py").write_text(USER_KERNELS)
     inputs = {"suite": str(suite), "implementations": impls, "device": "cpu", "dtype": "", "strict": "false",
-              "baseline": baseline, "out": "gqa-report", "artifact-suffix": "kernels", "install": "true"}
+              "baseline": baseline, "out": "gqa-report", "artifact-suffix": "kernels", "install": "true",
+              "shard": shard, "shards": shards}
     context = {f"inputs.{k}": v for k, v in inputs.items()}
     return run_job(action_steps(), context, {}, set(NOT_RUN_HERE[("action.yml", "action")]) | skip, tmp_path,
                    tmp_path / ".steps")
@@ -372,3 +455,14 @@ def test_action_writes_summary_and_artifact_name_then_fails_on_a_wrong_kernel(tm
     assert run.outputs["summary"]["artifact-name"] == "gqa-report-cpu-x86_64-kernels"
     assert "usermod:wrong_scale" in run.summary and "FAIL" in run.summary
     assert run.outcomes["status"].returncode == 1
+
+
+def test_action_runs_one_shard_names_its_artifact_apart_and_gates_only_its_cases(tmp_path, shard_suite, sharded):
+    _place_baseline(sharded / "baseline" / "cpu-x86_64.json", tmp_path / "baselines")
+    run = _action(tmp_path, shard_suite, "sdpa-math", "baselines/cpu-x86_64.json", set(), shard="2", shards="2")
+    assert {k: o.returncode for k, o in run.outcomes.items()} == {k: 0 for k in run.outcomes}, \
+        {k: o.stderr[-2000:] for k, o in run.outcomes.items()}
+    assert run.outputs["summary"]["artifact-name"] == "gqa-report-cpu-x86_64-kernels-shard2of2"
+    report = json.loads((tmp_path / run.outputs["summary"]["report-json"]).read_text())
+    assert report["fingerprint"]["shard"] == "2/2" and len(report["settings"]["shard"]["assigned"]) == 2
+    assert "--partial: compared the 2 case(s)" in run.outcomes["gate"].summary

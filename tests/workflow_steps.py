@@ -8,8 +8,10 @@ context: an unknown expression fails the test instead of passing silently.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -141,6 +143,23 @@ def run_step(step: Step, env: dict[str, str], cwd: Path, scratch: Path) -> Outco
                           capture_output=True, text=True, timeout=600)
     return Outcome(proc.returncode, proc.stdout, proc.stderr, parse_outputs(files["GITHUB_OUTPUT"]),
                    files["GITHUB_STEP_SUMMARY"].read_text())
+
+
+def uploads(steps: list[Step], context: dict[str, str], outputs: dict[str, dict[str, str]], cwd: Path) -> dict[str, Path]:
+    """Artifact name -> the directory each upload-artifact step of a finished job would upload."""
+    return {resolve(s.with_["name"], context, outputs): cwd / resolve(s.with_["path"], context, outputs)
+            for s in steps if s.uses and s.uses.startswith("actions/upload-artifact@")}
+
+
+def download(steps: list[Step], context: dict[str, str], artifacts: dict[str, Path], cwd: Path) -> list[str]:
+    """What the job's download-artifact step leaves, from `artifacts` (name -> uploaded directory): the
+    ones its `pattern` matches, each in a directory of its own name under its `path` (no merge-multiple)."""
+    (step,) = [s for s in steps if s.uses and s.uses.startswith("actions/download-artifact@")]
+    pattern, target = resolve(step.with_["pattern"], context, {}), cwd / resolve(step.with_["path"], context, {})
+    names = sorted(n for n in artifacts if fnmatch.fnmatchcase(n, pattern))
+    for name in names:
+        shutil.copytree(artifacts[name], target / name, ignore=shutil.ignore_patterns(".*"))  # hidden files stay out
+    return names
 
 
 def run_job(steps: list[Step], context: dict[str, str], overrides: dict[str, str], skip: set[str], cwd: Path,

@@ -39,6 +39,11 @@ AUDITS = (REPO / "reports" / "audit" / "audit-cpu-x86_64.json",)
 CORRECT_KINDS = ("design", "kernel")  # not "counter-example": the calibration's known-buggy rows
 
 
+@lru_cache(maxsize=8)  # committed files, read (and validated) once per process
+def _committed(path: Path, kind: str) -> dict[str, Any]:
+    return load_json(path, kind)
+
+
 def floored_spread(ratios: list[float]) -> float | None:
     """max/min of error / scale across seeds, each floored at 1 (None with fewer than two seeds)."""
     return max(max(ratios), 1.0) / max(min(ratios), 1.0) if len(ratios) >= 2 else None
@@ -60,12 +65,12 @@ def calibration_bands(calibration: dict[str, Any]) -> dict[str, float]:
     return bands
 
 
-@lru_cache(maxsize=4)  # committed files, read once per process
+@lru_cache(maxsize=4)
 def default_bands(path: Path = CALIBRATION) -> tuple[dict[str, float], dict[str, Any]] | None:
     """The default noise bands and their provenance, or None without a committed calibration."""
     if not path.is_file():
         return None
-    calibration = load_json(path, "calibration")
+    calibration = _committed(path, "calibration")
     provenance = {"source": "calibration", "calibration": _shown(path),
                   "command": calibration["settings"].get("command"),
                   "rule": "band = max over (case without seed, known-good kernel, tensor) of max/min error/scale "
@@ -95,12 +100,12 @@ def default_envelope(calibration: Path = CALIBRATION, audits: tuple[Path, ...] =
 
     sources = []
     if calibration.is_file():
-        for row in load_json(calibration, "calibration")["distribution"]:
+        for row in _committed(calibration, "calibration")["distribution"]:
             if row["kind"] in CORRECT_KINDS:
                 widen(row["dtype"], row["level"], row["max"])
         sources.append(_shown(calibration))
     for audit in (a for a in audits if a.is_file()):
-        for peak in load_json(audit, "audit")["peaks"]:
+        for peak in _committed(audit, "audit")["peaks"]:
             widen(peak["dtype"], peak["level"], peak["max_ratio"])
         sources.append(_shown(audit))
     return Envelope(dict(limits), tuple(sources))
