@@ -117,3 +117,15 @@ def device_assert(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     query = query[index]
     torch.cuda.synchronize(query.device) if query.is_cuda else None
     return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+
+
+def detached(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Right numbers, but the output is cut off the autograd graph: no gradient reaches q, k, v."""
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa).detach()
+
+
+def flips_math_reduction(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False):
+    """Correct itself, but leaves the math backend allowed to reduce fp16/bf16 in low precision."""
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    return healthy(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)

@@ -17,7 +17,7 @@ from harness.run.plan import RunPlan, execute_plan, layout_sibling_key, plan_wor
 from harness.core.results import Status
 from harness.run.worker import Call
 
-from .helpers import CPU, session, tolerances
+from .helpers import session
 
 SHAPE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
 

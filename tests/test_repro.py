@@ -17,7 +17,7 @@ from harness.core.inputs import make_inputs
 from harness.repro.issue import write_repro
 from harness.repro.script import ReproError, render_script
 from harness.core.verdict import load_tolerances
-from tests.helpers import CPU, session
+from tests.helpers import session
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG = "tests.repro_kernels:tiled_kv_heads"

@@ -23,7 +23,7 @@ from harness.run.session import run_one
 from harness.core.results import Status
 from harness.run.worker import last_words, timeout_budget
 
-from .helpers import CPU, cached_references, session, tolerances
+from .helpers import cached_references, session
 
 CASE = Case(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=64)
 
@@ -59,8 +59,10 @@ def test_faulty_kernels_are_recorded_and_healthy_results_survive(tmp_path):
     assert err("raises").error_kind == "exception"
     assert err("raises").error.startswith("ValueError: injected failure")
     assert err("device_fault").error_kind == "crash" and "context poisoned" in err("device_fault").error
-    wrong = err("wrong_shape").tensors["out"]
-    assert wrong.status is Status.FAIL and wrong.rule == "contract" and "shape (1, 32, 4, 64)" in wrong.reason
+    shaped = results["tests.faulty_kernels:wrong_shape"]  # a contract FAIL with its reason, not an ERROR
+    wrong = shaped.tensors["out"]
+    assert shaped.status is Status.FAIL and wrong.rule == "contract" and "shape (1, 32, 4, 64)" in wrong.reason
+    assert shaped.tensors["dq"].rule == "contract" and "not run" in shaped.tensors["dq"].reason
 
     # healthy kernels before, between and after the faulty ones: exactly the in-process result
     refs = cached_references(CASE)

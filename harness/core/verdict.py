@@ -161,6 +161,8 @@ def judge(refs: References, outputs: Outputs, tol: Tolerances, known: tuple[Know
         truth = refs.oracle[name]
         problem = contract_problem(name, outputs.tensors.get(name), tuple(truth.shape), dtype, where.device,
                                    outputs.devices.get(name))
+        if problem and outputs.tensors.get(name) is None and outputs.notes.get("backward"):
+            problem = f"{name} is missing: {outputs.notes['backward']}"
         if problem:
             verdicts[name] = TensorVerdict(name, Status.FAIL, "contract", problem, severity="gross", excess=math.inf)
             continue

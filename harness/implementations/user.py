@@ -33,11 +33,13 @@ def load_user_implementation(spec: str) -> Implementation:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise RegistryError(f"--impl {spec!r} is not of the form package.module:function")
+    if not all(part.isidentifier() for part in (*module_name.split("."), *attr.split("."))):
+        raise RegistryError(f"--impl {spec!r}: module and function must be Python identifiers (package.module:function)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a user's module next to where they run us, as pytest does
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure is the user's module's, sys.exit too
         raise RegistryError(f"--impl {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     fn = module
     for part in attr.split("."):

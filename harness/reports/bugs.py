@@ -163,6 +163,10 @@ def render_bug(report: dict[str, Any], number: int, bug: Bug) -> list[str]:
     nonfinite = list(dict.fromkeys(t for f in failures if (t := nonfinite_text(f.tensor, f.verdict))))
     if nonfinite:
         lines += ["", *(f"- NaN/Inf {text}" for text in nonfinite[:4])]
+    other = list(dict.fromkeys(cell(f.verdict.get("reason", "")) for f in failures
+                               if f.verdict.get("rule") not in (*JUDGED_LEVELS, "nonfinite")))
+    if other:  # contract breaks: the reason is the evidence
+        lines += ["", *(f"- {text}" for text in other[:4])]
     first = bug.reproducer.result
     lines += ["", "Reproduce:", "",
               f"    {reproduce_command(case.get('spec', ''), first['impl'], report['fingerprint'].get('device', 'cpu'), first.get('notes'))}",

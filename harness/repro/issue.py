@@ -41,7 +41,12 @@ class Repro:
 
     @property
     def reproduces(self) -> bool:
-        return self.script_exit != 0
+        return script_reproduces(self.script_exit, self.script_output)
+
+
+def script_reproduces(code: int, output: str) -> bool:
+    """Exit 1 with its BUG line: a script that crashed (a SyntaxError, a missing module) also exits 1."""
+    return code == 1 and "\nBUG: " in "\n" + output
 
 
 def run_script(script: Path, device: str) -> tuple[int, str]:
@@ -155,13 +160,13 @@ def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Pat
     if pictures:
         body = body.replace("### To reproduce", "".join(f"![{p.stem}]({p.name}) (attach {p.name} to the issue)\n\n"
                                                         for p in pictures) + "### To reproduce", 1)
-    if code == 0:
-        body = ("> **The script did not reproduce the failure on this machine (exit 0)**: do not file this as is.\n\n"
-                + body)
+    if not script_reproduces(code, output):
+        body = (f"> **The script did not reproduce the failure on this machine (exit {code}"
+                + ("" if code == 0 else ", without its BUG line: it crashed") + ")**: do not file this as is.\n\n" + body)
     issue = out_dir / "issue.md"
     issue.write_text(body)
     summary = {"case": case_spec(case), "case_id": case.id, "impl": impl.name, "signature": str(sig),
-               "script_exit": code, "reproduces": code != 0, "device": facts.device, "torch": fp.get("torch"),
+               "script_exit": code, "reproduces": script_reproduces(code, output), "device": facts.device, "torch": fp.get("torch"),
                "shrink": shrunk.to_dict() if shrunk else None, "plots": [p.name for p in pictures]}
     (out_dir / "repro.json").write_text(json.dumps(summary, indent=1))
     return Repro(out_dir, script, issue, sig, code, output)

@@ -70,11 +70,54 @@ def failure_of(exc: Exception) -> Failure:
 
 
 def execute(impl: Implementation, inputs: Inputs, device: str, repeat: int = 1) -> Outputs | Failure:
-    """One call in this process: the outputs, or why there are none."""
+    """One call in this process: the outputs, or why there are none. Process-global settings a kernel
+    changed are put back and named on its outputs, so no later result depends on them."""
+    before = process_state()
     try:
-        return run_repeated(lambda: run_implementation(impl, inputs, device), repeat)
+        outcome: Outputs | Failure = run_repeated(lambda: run_implementation(impl, inputs, device), repeat)
     except Exception as exc:  # noqa: BLE001 - a raising kernel is a result, the run goes on
-        return failure_of(exc)
+        outcome = failure_of(exc)
+    changed = restore_process_state(before)
+    if changed:
+        outcome.notes["global_state"] = changed
+    return outcome
+
+
+_STATE_FLAGS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
+    "flash_sdp": (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+    "mem_efficient_sdp": (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+    "math_sdp": (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
+    "cudnn_sdp": (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+    "fp16_bf16_reduction_math_sdp": (torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed,
+                                     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp),
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "cuda_matmul_allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32,
+                               lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
+    "cudnn_allow_tf32": (lambda: torch.backends.cudnn.allow_tf32, lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+    "deterministic_algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    "default_dtype": (torch.get_default_dtype, torch.set_default_dtype),
+}
+
+
+def process_state() -> dict[str, Any]:
+    """The process-global settings that change numerics, as they are now."""
+    state = {name: get() for name, (get, _) in _STATE_FLAGS.items()}
+    library = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
+    if torch.version.hip and library is not None:
+        state["rocm_fa_library"] = str(library())
+    return state
+
+
+def restore_process_state(before: dict[str, Any]) -> dict[str, str]:
+    """Put back what differs from `before`; returns each change as "old → new"."""
+    after = process_state()
+    changed = {k: f"{before[k]} → {after[k]}" for k in before if after.get(k) != before[k]}
+    for name in changed:
+        if name in _STATE_FLAGS:
+            _STATE_FLAGS[name][1](before[name])
+        else:  # the ROCm flash library: set by name
+            torch.backends.cuda.preferred_rocm_fa_library(before[name].split(".")[-1].lower())
+    return changed
 
 
 def synchronize(device: torch.device) -> None:
@@ -144,7 +187,17 @@ def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch
     if not case.grads:
         return result
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-        result.forward_only = "the output has no autograd graph (forward-only kernel)"
+        # Forward-only only when the implementation says so, with its reason (flex on the CPU); a kernel
+        # that detaches its output breaks the contract: no gradient reaches q, k or v (contract FAILs).
+        if call.notes.get("forward_only"):
+            result.forward_only = str(call.notes["forward_only"])
+        else:
+            result.tensors.update(dq=None, dk=None, dv=None)
+            result.notes["backward"] = "the output has no autograd graph: no gradient reaches q, k or v"
+        return result
+    if tuple(out.shape) != tuple(grad_out.shape):  # the out contract FAIL says why; backward cannot run
+        result.tensors.update(dq=None, dk=None, dv=None)
+        result.notes["backward"] = f"not run: the output has shape {tuple(out.shape)}, grad_out {tuple(grad_out.shape)}"
         return result
     try:
         grads = torch.autograd.grad(out, [leaves["q"], leaves["k"], leaves["v"]], grad_out, allow_unused=True)

@@ -17,6 +17,7 @@ What can go wrong, and what the parent records (error_kind of the ERROR result):
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import io
 import multiprocessing
@@ -25,6 +26,8 @@ import pickle
 import re
 import signal
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ BASE_SECONDS = 120.0
 FLOP_RATE = {"cpu": 2e8, "cuda": 1e11, "rocm": 1e11}
 STARTUP_SECONDS = 600.0  # importing torch and initialising a device in a fresh interpreter
 STDERR_LINES = 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # Errors after which the device context is unusable (CUDA "sticky" errors, their HIP equivalents).
 _STICKY = re.compile(
@@ -105,13 +109,33 @@ def serve(task: dict[str, Any]) -> dict[str, Any]:
     return {"outputs": buf.getvalue(), "hashes": inputs.hashes()}
 
 
-def _child_main(conn, device: str, log_path: str) -> None:
+def die_with(parent_pid: int) -> None:
+    """The worker must not outlive its parent (a `kill -9` on the run while a kernel hangs would leave it
+    spinning): the kernel's death signal where Linux has one, and a watchdog thread everywhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(4)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(4)
+
+    threading.Thread(target=watch, name="gqa-parent-watchdog", daemon=True).start()
+
+
+def _child_main(conn, device: str, log_path: str, parent_pid: int) -> None:
     """Worker loop: stdout/stderr go to the log (the parent reads its tail after a crash)."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    faulthandler.enable()  # a segfault or abort leaves a Python traceback in the log
+    faulthandler.enable(all_threads=False)  # a crash leaves the kernel thread's traceback (not the watchdog's)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with(parent_pid)
     pin_process_state()
     if device.startswith("cuda"):
         torch.cuda.init()
@@ -186,7 +210,7 @@ class Worker:
         parent, child = ctx.Pipe()
         self.starts += 1
         self._log = self.log_dir / f"worker-{self.starts}.log"
-        self._proc = ctx.Process(target=_child_main, args=(child, self.device, str(self._log)),
+        self._proc = ctx.Process(target=_child_main, args=(child, self.device, str(self._log), os.getpid()),
                                  name=f"gqa-worker-{self.device}", daemon=True)
         self._proc.start()
         child.close()
