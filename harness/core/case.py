@@ -8,6 +8,7 @@ format below is part of the public contract and must stay stable.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,14 +112,25 @@ def validate(case: Case) -> None:
     _choice(case, "values", VALUES)
     if not isinstance(case.seed, int) or isinstance(case.seed, bool) or case.seed < 0:
         raise CaseError(f"seed={case.seed!r} must be a non-negative integer")
-    if case.scale is not None and (isinstance(case.scale, bool) or not isinstance(case.scale, (int, float)) or not case.scale > 0):
-        raise CaseError(f"scale={case.scale!r} must be a positive number or None")
+    if case.scale is not None and (isinstance(case.scale, bool) or not isinstance(case.scale, (int, float))
+                                   or not 0 < case.scale < math.inf):
+        raise CaseError(f"scale={case.scale!r} must be a positive finite number or None")
+    elements = case.batch * max(case.q_heads * case.q_len, case.kv_heads * case.kv_len) * max(case.head_dim, case.value_dim)
+    if max(case.q_len, case.kv_len) > MAX_LENGTH or elements > MAX_ELEMENTS:
+        raise CaseError(f"{case.batch}x{case.q_heads}x{case.q_len}x{case.head_dim} (kv {case.kv_len}) is beyond any "
+                        f"machine: lengths up to {MAX_LENGTH:,} and {MAX_ELEMENTS:.0e} elements per tensor")
     if case.layout == "kv-expanded" and case.kv_heads != 1:
         raise CaseError(f"layout='kv-expanded' needs kv_heads=1 (a stride-0 expand of one kv head), got kv_heads={case.kv_heads}")
     if case.mask_per_head and not case.has_mask:
         raise CaseError("mask_per_head=True needs a mask other than 'none'")
     if case.mask == "padding" and case.batch < 2:
         raise CaseError("mask='padding' needs batch >= 2 (each batch pads a different number of keys)")
+
+
+# Parse-time sanity bounds: beyond them no machine holds the case (2^40 elements of fp64 is 8 TiB); cases
+# that merely exceed this machine are UNSUPPORTED at run time with the memory estimate (run/memory.py).
+MAX_LENGTH = 1 << 31
+MAX_ELEMENTS = 1 << 40
 
 
 def _fmt_scale(scale: float) -> str:
@@ -170,7 +182,7 @@ def coerce_field(name: str, raw: Any) -> Any:
     if name in _INT_FIELDS:
         if raw is None or (name == "v_head_dim" and raw in ("", "none", "None")):
             return None
-        if isinstance(raw, bool):
+        if isinstance(raw, (bool, float)):  # TOML's 1.5 (or 2.0) is not an integer: no silent truncation
             raise CaseError(f"{name}={raw!r} must be an integer")
         try:
             return int(raw)
@@ -190,7 +202,7 @@ def coerce_field(name: str, raw: Any) -> Any:
             return None
         try:
             return float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CaseError(f"scale={raw!r} must be a number or none") from None
     if name == "causal" and isinstance(raw, bool):
         return "top-left" if raw else "none"
@@ -225,6 +237,10 @@ def parse_case_spec(spec: str) -> Case:
         if "=" not in item:
             raise CaseError(f"--case item {item!r} is not key=value")
         key, value = (x.strip() for x in item.split("=", 1))
+        name = ALIASES.get(key, key)
+        twice = next((k for k in data if ALIASES.get(k, k) == name), None)
+        if twice is not None:
+            raise CaseError(f"--case gives {name} twice ({twice}={data[twice]}, {key}={value})")
         data[key] = value
     return case_from_mapping(data)
 
