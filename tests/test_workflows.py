@@ -217,11 +217,15 @@ def test_suites_the_workflows_name_exist_in_cases():
 
 # ---- the steps, executed -------------------------------------------------------------
 
+def _suite_file(tmp_path_factory, name: str, text: str) -> Path:
+    path = tmp_path_factory.mktemp("suite") / name
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("suite") / "tiny.toml"
-    path.write_text(TINY_SUITE)
-    return path
+    return _suite_file(tmp_path_factory, "tiny.toml", TINY_SUITE)
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +291,7 @@ def test_cpu_workflow_smoke_job_runs_writes_the_summary_and_names_the_artifact(t
 
 @pytest.fixture(scope="module")
 def shard_suite(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("suite") / "four.toml"
-    path.write_text(SHARD_SUITE)
-    return path
+    return _suite_file(tmp_path_factory, "four.toml", SHARD_SUITE)
 
 
 @pytest.fixture(scope="module")

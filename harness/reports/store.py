@@ -179,14 +179,18 @@ def missing_keys(data: Any) -> list[str]:
     return [k for k in REPORT_KEYS if not isinstance(data, dict) or k not in data]
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such {what}") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: not a JSON {what} ({type(exc).__name__}: {exc})") from None
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such report") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: not a JSON report ({type(exc).__name__}: {exc})") from None
+    report = _read_json(path, "report")
     missing = missing_keys(report)
     if missing:
         raise ReportError(f"{path}: not a gqa-harness report (missing {', '.join(missing)})")
@@ -200,12 +204,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
 def load_json(path: str | Path, kind: str) -> dict[str, Any]:
     """A bench, calibration, audit or noise file, checked against its schema (harness/reports/schema/)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such {kind} file") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: not a JSON {kind} file ({type(exc).__name__}: {exc})") from None
+    data = _read_json(path, f"{kind} file")
     problem = first_error(data, kind)
     if problem:
         raise ReportError(f"{path}: not a valid {kind} file ({problem})")
