@@ -9,6 +9,7 @@ import pytest
 from harness.core.case import Case, parse_case_spec
 from harness.implementations.user import implementation_from_callable
 from harness.core.results import ImplResult
+from harness.implementations.user import load_user_implementation
 from harness.repro.shrink import ShrinkError, Signature, judge_with, neighbours, same_failure, shrink, signature_of
 from harness.core.results import Status, TensorVerdict
 from tests.helpers import CPU, session
@@ -93,9 +94,9 @@ def test_signature_picks_the_worst_failure_gross_first():
 def test_a_wrong_kernel_on_a_model_size_case_shrinks_to_a_small_case_with_the_same_failure():
     """Acceptance: Llama-8B-like heads (32 query, 8 kv), d 128, B 2, 96 tokens; a kv-head mapping bug."""
     impl = implementation_from_callable(repro_kernels.tiled_kv_heads, "tests.repro_kernels:tiled_kv_heads")
-    judge = judge_with(impl, session())
     start = parse_case_spec("b=2,hq=32,hkv=8,lq=96,lk=96,d=128")
-    result = shrink(start, impl, judge, budget_s=600)
+    with judge_with(impl, session()) as judge:  # each candidate in a worker process, as run makes it
+        result = shrink(start, impl, judge, budget_s=600)
     c = result.case
     assert result.locally_minimal
     assert (c.batch, c.q_heads, c.kv_heads) == (1, 4, 2)  # the smallest GQA where tiled != interleaved
@@ -144,3 +145,10 @@ def test_a_failure_where_the_truth_is_zero_is_another_kind():
     assert signature_of(at_zero, "dq").kind == "accuracy-at-zero"
     beyond = judge(parse_case_spec("b=1,hq=4,hkv=4,lq=40,lk=40,d=64,causal=top-left"), noisy)
     assert signature_of(beyond, "dq").kind == "accuracy"
+
+
+def test_a_kernel_that_aborts_costs_shrink_a_candidate_not_the_process():
+    impl = load_user_implementation("tests.faulty_kernels:abort")
+    with judge_with(impl, session(), timeout=60.0) as judge:
+        result = shrink(parse_case_spec("b=1,hq=2,hkv=1,lq=8,d=16"), impl, judge, budget_s=8)
+    assert result.signature == Signature("", "error", "") and result.result.error_kind == "crash"

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from ..core.case import Case, CaseError, case_spec
-from ..core.references import References, references
 from ..core.results import ImplResult
 from ..implementations import Implementation, builtin_implementations
-from ..run.session import Session, run_one
+from ..run.session import CaseRunner, Session
 from .body import TENSOR_LABEL, Evidence, failing_level, issue_body, ratio_at, title as default_title
 from .plots import available, draw_failure
 from .script import ReproError, backend_of, inline_inputs, render_script
@@ -71,7 +70,7 @@ def _cell(result: ImplResult, tensor: str, level: str) -> tuple[str, str]:
     return (str(v.status) if v else str(result.status)), ("—" if ratio is None else f"{ratio:.3g}×")
 
 
-def triage(case: Case, refs: References, impl: Implementation, session: Session, tensor: str, level: str,
+def triage(case: Case, impl: Implementation, runner: CaseRunner, tensor: str, level: str,
            compare: dict[str, Any] | None = None) -> list[list[str]]:
     """What else runs on the same inputs, and how it does: other backends (math, the fused ones), the same
     backend on K/V expanded by hand, the same call in the other dtype and at group size 1, and the same
@@ -84,9 +83,9 @@ def triage(case: Case, refs: References, impl: Implementation, session: Session,
     rows = []
     for name in dict.fromkeys(names):
         other = builtins.get(name)
-        if other is None or name == impl.name or other.available(session.facts) is not None:
+        if other is None or name == impl.name or other.available(runner.session.facts) is not None:
             continue
-        rows.append(["same inputs", name, *_cell(run_one(session, refs, other), tensor, level)])
+        rows.append(["same inputs", name, *_cell(runner.run(case, other), tensor, level)])
     variants = [(f"dtype {d}", {"dtype": d}) for d in ("bf16", "fp16") if d != case.dtype]
     if case.group_size > 1:
         variants.append(("group size 1 (MHA)", {"kv_heads": case.q_heads,
@@ -96,7 +95,7 @@ def triage(case: Case, refs: References, impl: Implementation, session: Session,
             variant = case.replace(**changes)
         except CaseError:  # not expressible (e.g. a layout that needs one kv head)
             continue
-        rows.append([what, impl.name, *_cell(run_one(session, references(variant), impl), tensor, level)])
+        rows.append([what, impl.name, *_cell(runner.run(variant, impl), tensor, level)])
     if compare is not None:
         fp = compare.get("fingerprint") or {}
         theirs = next((r for r in compare["results"] if r["case_id"] == case.id and r["impl"] == impl.name), None)
@@ -111,17 +110,27 @@ def triage(case: Case, refs: References, impl: Implementation, session: Session,
 def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Path, *, tensor: str | None = None,
                 title: str | None = None, note: str = "", shrunk: ShrinkResult | None = None,
                 collect_env: bool = False, plots: bool = False,
-                after: list[tuple[Case, Implementation]] | None = None, compare: dict[str, Any] | None = None) -> Repro:
+                after: list[tuple[Case, Implementation]] | None = None, compare: dict[str, Any] | None = None,
+                isolate: bool = True) -> Repro:
     """`after`: the calls that preceded an order-dependent failure (notes["order"]["after"] of its
-    result); they are replayed in this process before judging, and in the script before the call.
-    `compare`: another device's report, for the triage table."""
+    result); they are replayed in the same worker process before judging, and in the script before the
+    call. `compare`: another device's report, for the triage table. Every kernel call runs in a worker
+    process, as `run` makes it: a crashing kernel is an ERROR here too, not the end of `repro`."""
     session = session.without_known()  # a KNOWN finding is reproduced as the failure it is
+    with CaseRunner(session, isolate=isolate) as runner:
+        return _write(case, impl, runner, out_dir, tensor=tensor, title=title, note=note, shrunk=shrunk,
+                      collect_env=collect_env, plots=plots, after=after or [], compare=compare)
+
+
+def _write(case: Case, impl: Implementation, runner: CaseRunner, out_dir: Path, *, tensor: str | None, title: str | None,
+           note: str, shrunk: ShrinkResult | None, collect_env: bool, plots: bool,
+           after: list[tuple[Case, Implementation]], compare: dict[str, Any] | None) -> Repro:
+    session = runner.session
     facts, tol = session.facts, session.tolerances
-    after = after or []
     for prev_case, prev_impl in after:
-        run_one(session, references(prev_case), prev_impl)
-    refs = references(case)
-    result = run_one(session, refs, impl)
+        runner.run(prev_case, prev_impl)
+    result = runner.run(case, impl)
+    refs = runner.refs
     sig = signature_of(result, tensor)
     if sig is None:
         raise ReproError(f"{(tensor + ' of ') if tensor else ''}{case.id} does not fail on {impl.name} "
@@ -147,7 +156,7 @@ def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Pat
     fp = session.fingerprint()
     level = failing_level(result, sig.tensor) if sig.tensor else "tensor"
     evidence = Evidence(case, impl, facts, result, sig, tol, fp, script_text, code, output,
-                        triage(case, refs, impl, session, sig.tensor, level, compare) if sig.tensor else [],
+                        triage(case, impl, runner, sig.tensor, level, compare) if sig.tensor else [],
                         shrunk, tuple(after), _collect_env() if collect_env else "")
     body = issue_body(evidence, title or default_title(facts, impl.name, case, sig, result), note)
     pictures: list[Path] = []

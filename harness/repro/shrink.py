@@ -27,10 +27,9 @@ from typing import Callable, Iterator
 
 from ..core.case import Case, CaseError, case_spec
 from ..core.metrics import LEVELS
-from ..core.references import references
 from ..core.results import ImplResult, Status, TensorVerdict
 from ..implementations import Implementation
-from ..run.session import Session, run_one
+from ..run.session import CaseRunner, Session
 
 
 class ShrinkError(ValueError):
@@ -200,10 +199,31 @@ class ShrinkResult:
 Judge = Callable[[Case], ImplResult]
 
 
-def judge_with(impl: Implementation, session: Session) -> Judge:
-    """Judge a case as a run does, with no known-failure entries (a KNOWN finding is a FAIL here)."""
-    session = session.without_known()
-    return lambda case: run_one(session, references(case), impl)
+class IsolatedJudge:
+    """Judges a case as a run does, with no known-failure entries (a KNOWN finding is a FAIL here), each
+    call in a worker process as `run` makes it: a kernel that segfaults or hangs costs one candidate, not
+    the shrink. Close it (or use it in a `with`) to stop the worker."""
+
+    def __init__(self, impl: Implementation, session: Session, isolate: bool = True, timeout: float | None = None):
+        self.impl = impl
+        self.runner = CaseRunner(session.without_known(), isolate=isolate, timeout=timeout)
+
+    def __call__(self, case: Case) -> ImplResult:
+        return self.runner.run(case, self.impl)
+
+    def __enter__(self) -> IsolatedJudge:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def judge_with(impl: Implementation, session: Session, isolate: bool = True,
+               timeout: float | None = None) -> IsolatedJudge:
+    return IsolatedJudge(impl, session, isolate, timeout)
 
 
 def shrink(start: Case, impl: Implementation, judge: Judge, tensor: str | None = None, budget_s: float = 300.0,
