@@ -41,6 +41,8 @@ from .run.plan import RunPlan, case_sources, execute_plan
 from .run.session import Session
 from .run.shards import ShardError, shard_fingerprint, shard_selection
 from .run.worker import Call
+from .search.command import options_from_args, search_command
+from .search.space import SearchError
 
 USAGE_EXIT = 2
 
@@ -50,7 +52,7 @@ class UsageError(Exception):
 
 
 BAD_INPUT = (UsageError, CaseError, SuiteError, RegistryError, DeviceError, KnownFailuresError, SummaryError,
-             StreamError, ReportError, ReproError, ShrinkError, ShardError, MergeError)
+             StreamError, ReportError, ReproError, ShrinkError, ShardError, MergeError, SearchError)
 
 
 class Progress:
@@ -271,6 +273,15 @@ def _positive(args, *names: str) -> None:
         raise UsageError("--seeds and --threads must be at least 1 and --first-seed non-negative")
 
 
+def cmd_search(args) -> int:
+    opts = options_from_args(args, " ".join(["gqa-harness", *sys.argv[1:]]))
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a killed search still writes its report
+    try:
+        return search_command(opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_audit(args) -> int:
     _positive(args, "seeds", "threads")
     return audit_command(args.device, args.suite, args.seeds, args.first_seed, args.impl, Path(args.out), args.quiet,
@@ -300,7 +311,7 @@ def cmd_bench(args) -> int:
 COMMANDS = {"run": cmd_run, "replay": cmd_replay, "env": cmd_env, "implementations": cmd_implementations,
             "summary": cmd_summary, "compare": cmd_compare, "diff": cmd_diff, "merge": cmd_merge, "noise": cmd_noise, "known": cmd_known,
             "shrink": cmd_shrink, "repro": cmd_repro, "audit": cmd_audit, "calibrate": cmd_calibrate,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

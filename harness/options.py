@@ -68,6 +68,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
     _report_parsers(sub)
     _failure_parsers(sub)
+    _search_parser(sub)
     _lab_parsers(sub)
     return p
 
@@ -138,6 +139,35 @@ def _failure_parsers(sub) -> None:
                      help="another device's report JSON: its verdict on the same case joins the triage table")
     rep.add_argument("--plots", action="store_true", help="per-(batch, head) heat map and error-vs-position PNGs "
                      "(needs the `plots` extra: matplotlib)")
+
+
+def _search_parser(sub) -> None:
+    """search: generated cases against the implementations, each new failure shrunk (docs/cases.md)."""
+    s = sub.add_parser("search", help="generated cases against every implementation for a wall-time budget; each "
+                       "new failure shrunk, confirmed alone and written to found.toml")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    s.add_argument("--impl", action="append", default=[], metavar="IMPL",
+                   help="built-in name or package.module:function; repeatable (default: every built-in)")
+    s.add_argument("--dtype", default=None, help="comma list of dtypes to draw (default: bf16,fp16)")
+    s.add_argument("--budget", type=float, required=True, metavar="SECONDS",
+                   help="wall time for trying new examples (a shrink under way may add --shrink-budget)")
+    s.add_argument("--max-examples", type=int, default=None, metavar="N", help="stop after N examples")
+    s.add_argument("--max-findings", type=int, default=None, metavar="N", help="stop after N findings")
+    s.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="longest q/kv length drawn (default 512)")
+    s.add_argument("--shrink-budget", type=float, default=120.0, metavar="SECONDS",
+                   help="wall time for shrinking one failure (default 120)")
+    s.add_argument("--profile", default="dev", help="dev, ci or nightly: the fp64 memory bound per case (16 MiB, "
+                   "8 MiB, 256 MiB); ci also fixes the seed to 0 (default: dev)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the example generation (default: random, "
+                   "recorded in the report; 0 under --profile ci)")
+    s.add_argument("--out", default="gqa-search", help="report directory, found.toml and the example database "
+                   "(default: gqa-search)")
+    s.add_argument("--db", default=None, help="example database directory (default: OUT/hypothesis-db)")
+    s.add_argument("--resume", action="store_true", help="continue the search in --out, keeping its findings")
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="budget per (case, implementation) (default: scaled by the case's FLOPs)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _lab_parsers(sub) -> None:

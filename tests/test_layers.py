@@ -8,7 +8,7 @@ from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness"
 # lowest first; a module may import its own layer and those below it
-LAYERS = ["core", "implementations", "reports", "run", "repro", "lab", "faces"]
+LAYERS = ["core", "implementations", "reports", "run", "repro", "search", "lab", "faces"]
 FACES = {"cli", "plugin", "options", "strategies", "__init__"}
 
 
