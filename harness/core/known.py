@@ -16,6 +16,7 @@
     ratio_per_sqrt_group = true  # ... times sqrt(group_size), for a bug that grows like a low-precision group sum
     max_slice_ratio = 1.5        # optional ceilings at the other levels (same forms, same scaling)
     max_row_ratio = 3.0
+    differential = {group-trend = 0.6}  # optional ceilings on differential rules (core/differential.py)
     evidence = "why this is a real backend bug, with the figures"
     cite = ["https://github.com/pytorch/pytorch/issues/NNN", "reports/findings/<dir>"]   # required: at least one
 
@@ -34,7 +35,7 @@ import fnmatch
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ KNOWN_FILE = CASES_DIR / "known-failures.toml"
 VERSION_KEYS = ("torch", "cuda", "hip", "cudnn", "rocm_fa_library", "rocm", "aotriton", "aotriton_experimental",
                 "flash_attn", "xformers", "triton", "hip_runtime", "miopen", "cuda_runtime", "nvidia_driver")
 _KEYS = {"id", "case", "impl", "min_group_size", "tensors", "device", *VERSION_KEYS, "max_ratio",
-         "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence", "cite"}
+         "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence", "cite",
+         "differential"}
 _LINK = re.compile(r"^https?://\S+$")
 FINDINGS = "reports/findings/"
 _RANGE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
@@ -135,6 +137,7 @@ class KnownFailure:
     cuda_runtime: str = "*"
     nvidia_driver: str = "*"
     cite: tuple[str, ...] = ()  # upstream links and reports/findings/ directories
+    differential: dict[str, float] = field(default_factory=dict, hash=False)  # differential rule -> ceiling (differential.py)
 
     def matches(self, case_id: str, impl: str, tensor: str, device_label: str, versions: dict[str, str | None],
                 group_size: int = 1) -> bool:
@@ -244,7 +247,16 @@ def parse_entry(entry: dict[str, Any], where: str, roots: tuple[Path, ...] = ())
         max_slice_ratio=_ceiling(entry, "max_slice_ratio", tensors, where),
         max_row_ratio=_ceiling(entry, "max_row_ratio", tensors, where),
         min_group_size=int(entry.get("min_group_size", 1)), cite=_citations(entry, where, roots), **versions,
+        differential=_differential(entry.get("differential", {}), where),
     )
+
+
+def _differential(raw: Any, where: str) -> dict[str, float]:
+    """`differential = {group-trend = 0.6}`: ceilings on differential rules' values (slope, floor units)."""
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                            for v in raw.values()):
+        raise KnownFailuresError(f"{where}: differential must map rule names to positive numbers, got {raw!r}")
+    return {str(k): float(v) for k, v in raw.items()}
 
 
 def load_known(path: Path | None = None) -> list[KnownFailure]:

@@ -18,6 +18,15 @@
     dtype = ["bf16", "fp16"]         # a list expands into a grid (cartesian product)
     causal = ["none", "top-left"]
 
+    [[family]]                       # cases that differ only in group size (or key length), judged
+    name = "g-trend-h2"              # together by core/differential.py's trend rules
+    b = 1
+    hkv = 2
+    group_sizes = [1, 2, 4, 8, 16]   # hq = hkv x G; or kv_lens = [64, 128, 256, 512] (lk varies)
+    lq = 128
+    d = 64
+    dtype = ["bf16", "fp16"]         # other lists still expand: one family per combination
+
 A suite name is a file (`smoke` is cases/smoke.toml), a directory (`regressions` is every
 cases/regressions/*.toml) or one file in it (`regressions/n17-cudnn-dq-nan-negative-lse`).
 Expanded cases keep stable ids because ids derive from fields, not positions.
@@ -37,6 +46,7 @@ from .case import ALIASES, DTYPES, Case, CaseError, case_from_mapping, parse_cas
 
 CASES_DIR = Path(__file__).resolve().parents[2] / "cases"
 ENTRY_KEYS = {"name", "tags", "notes"}
+FAMILY_AXES = {"group_sizes": "hq", "kv_lens": "lk"}  # a [[family]]'s varied axis -> the case field it sets
 SUITE_KEYS = {"description": str, "upstream": list, "signature": str, "tags": list, "notes": str}
 NOT_SUITES = {"known-failures"}
 
@@ -89,12 +99,12 @@ def suite_path(name: str, cases_dir: Path | None = None) -> Path:
 # --- line numbers for errors ---------------------------------------------------------------
 
 
-def _entry_spans(text: str) -> list[tuple[int, int]]:
-    """(first, last) 1-based lines of each [[case]] table, for error messages."""
+def _entry_spans(text: str, table: str = "case") -> list[tuple[int, int]]:
+    """(first, last) 1-based lines of each [[case]] (or [[family]]) table, for error messages."""
     lines = text.splitlines()
-    starts = [i + 1 for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*case\s*\]\]", line)]
-    ends = [s - 1 for s in starts[1:]] + [len(lines)]
-    return list(zip(starts, ends))
+    tables = [(i + 1, m[1]) for i, line in enumerate(lines) if (m := re.match(r"\s*\[\[\s*(\w+)\s*\]\]", line))]
+    ends = [s - 1 for s, _ in tables[1:]] + [len(lines)]
+    return [(start, end) for (start, name), end in zip(tables, ends) if name == table]
 
 
 def _key_line(text: str, span: tuple[int, int] | None, key: str) -> int | None:
@@ -159,6 +169,23 @@ def _expand(entry: dict[str, Any], error) -> list[dict[str, Any]]:
     return [{**fields, **dict(zip(grid_keys, combo))} for combo in combos]
 
 
+def family_entry(entry: dict[str, Any], error) -> dict[str, Any]:
+    """A [[family]] as the [[case]] grid of its members: group_sizes -> hq = hkv x G, kv_lens -> lk."""
+    axes = [k for k in FAMILY_AXES if k in entry]
+    if len(axes) != 1:
+        error(None, f"a [[family]] needs exactly one of {', '.join(FAMILY_AXES)}")
+    axis, values = axes[0], entry[axes[0]]
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, int) and v > 0 for v in values):
+        error(axis, f"{axis}={values!r} must list at least two positive integers")
+    fields = {k: v for k, v in entry.items() if k != axis}
+    if FAMILY_AXES[axis] in fields or (axis == "group_sizes" and "hkv" not in fields):
+        error(axis, f"a {axis} family sets {FAMILY_AXES[axis]} itself" + (" from hkv" if axis == "group_sizes" else ""))
+    if axis == "group_sizes" and not isinstance(fields["hkv"], int):
+        error("hkv", "a group_sizes family needs one hkv (the group size is what varies)")
+    member = [fields["hkv"] * g for g in values] if axis == "group_sizes" else list(values)
+    return {**fields, FAMILY_AXES[axis]: member, "tags": [*entry.get("tags", []), "family"]}
+
+
 def _suite_meta(data: dict[str, Any], source: str) -> dict[str, Any]:
     meta = data.get("suite", {})
     if not isinstance(meta, dict):
@@ -172,22 +199,29 @@ def _suite_meta(data: dict[str, Any], source: str) -> dict[str, Any]:
     return meta
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not UTF-8 text (byte {exc.start}): a suite is a TOML file") from None
+
+
 def load_suite_text(text: str, source: str) -> list[SuiteCase]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{source}: malformed TOML: {exc}") from None
-    unknown = set(data) - {"case", "suite"}
+    unknown = set(data) - {"case", "suite", "family"}
     if unknown:
         raise SuiteError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))} (expected [[case]] tables)")
     meta = _suite_meta(data, source)
-    entries = data.get("case", [])
-    if not isinstance(entries, list) or not entries:
+    entries = [("case", e) for e in data.get("case", [])] + [("family", e) for e in data.get("family", [])]
+    if not isinstance(data.get("case", []), list) or not isinstance(data.get("family", []), list) or not entries:
         raise SuiteError(f"{source}: no [[case]] entries")
-    spans = _entry_spans(text)
+    spans = _entry_spans(text) + _entry_spans(text, "family")
     out: list[SuiteCase] = []
     seen: dict[str, str] = {}
-    for i, entry in enumerate(entries):
+    for i, (table, entry) in enumerate(entries):
         span = spans[i] if i < len(spans) else None
         where = f"{source}:{span[0] if span else '?'}"
         if not isinstance(entry, dict):
@@ -198,6 +232,8 @@ def load_suite_text(text: str, source: str) -> list[SuiteCase]:
             line = _key_line(text, _span, key) if key else None
             raise SuiteError(f"{source}:{line or _where.rsplit(':', 1)[1]}{_label}: {message}")
 
+        if table == "family" and isinstance(entry, dict):
+            entry = family_entry(entry, error)
         name, tags, notes = _check_entry_meta(entry, error)
         tags = tuple(dict.fromkeys((*meta.get("tags", ()), *tags)))
         for fields in _expand(entry, error):
@@ -217,7 +253,7 @@ def load_suite(name: str, cases_dir: Path | None = None) -> list[SuiteCase]:
     out: list[SuiteCase] = []
     seen: set[str] = set()
     for path in suite_paths(name, cases_dir):
-        for sc in load_suite_text(path.read_text(), str(path)):
+        for sc in load_suite_text(_text(path), str(path)):
             if sc.case.id not in seen:
                 seen.add(sc.case.id)
                 out.append(sc)
@@ -225,7 +261,7 @@ def load_suite(name: str, cases_dir: Path | None = None) -> list[SuiteCase]:
 
 
 def suite_metadata(path: Path) -> dict[str, Any]:
-    return _suite_meta(tomllib.loads(path.read_text()), str(path))
+    return _suite_meta(tomllib.loads(_text(path)), str(path))
 
 
 # --- selection: what `run --suite/--case/--dtype/--max-tokens` and the pytest plugin share ------

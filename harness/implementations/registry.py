@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import canary, compiled, flex, rocm, sdpa, thirdparty
-from .base import DeviceFacts, Implementation, RegistryError
+from .base import DeviceFacts, Implementation, RegistryError, SdpaCall
 from .user import load_user_implementation
 
 
@@ -18,10 +20,26 @@ def by_name(name: str, builtins: dict[str, Implementation] | None = None) -> Imp
     builtins = builtin_implementations() if builtins is None else builtins
     if name in builtins:
         return builtins[name]
+    if name.startswith(EXPANDED_USER) and ":" in name:
+        return expanded_user(load_user_implementation(name.removeprefix(EXPANDED_USER)))
     if ":" in name:
         return load_user_implementation(name)
     known = ", ".join(sorted(n for n, i in builtins.items() if not i.canary))
     raise RegistryError(f"unknown implementation {name!r} (built-ins: {known}; or module:function)")
+
+
+EXPANDED_USER = "expanded-kv-"  # expanded-kv-pkg.mod:fn: a user kernel on hand-expanded K/V (gqa-vs-expanded)
+
+
+def expanded_user(impl: Implementation) -> Implementation:
+    """`impl` called with K/V expanded to the query heads (repeat_interleave) and enable_gqa=False."""
+
+    def forward(call: SdpaCall):
+        key, value = sdpa.expand_kv(call)
+        return impl.forward(dataclasses.replace(call, key=key, value=value, enable_gqa=False))
+
+    return dataclasses.replace(impl, name=EXPANDED_USER + impl.name, forward=forward,
+                               description=f"{impl.name} on K/V expanded by hand to the query heads")
 
 
 def resolve(names: list[str], facts: DeviceFacts) -> tuple[list[Implementation], dict[str, str]]:

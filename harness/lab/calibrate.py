@@ -29,6 +29,7 @@ from typing import Any, Callable
 from tabulate import tabulate
 
 from ..core.case import Case
+from ..core.differential import loglog_slope
 from ..core.inputs import torch_dtype
 from ..core.lowprec import designs
 from ..core.metrics import LEVELS, TensorMetrics, tensor_metrics
@@ -231,16 +232,6 @@ def margins(rows: list[dict[str, Any]], tol: Tolerances) -> list[dict[str, Any]]
     return out
 
 
-def _slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of log(ratio) against log(axis value): ~0 flat, 0.5 grows like sqrt."""
-    pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
-    if len({x for x, _ in pts}) < 2:
-        return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-
-
 TENSOR_SETS = {"out+dq": ("out", "dq"), "dk+dv": ("dk", "dv")}
 
 
@@ -261,7 +252,7 @@ def trends(rows: list[dict[str, Any]], level: str = "tensor") -> list[dict[str, 
                 bins = {str(x): {"n": len(v), "median": statistics.median(v), "max": max(v)} for x, v in sorted(by_x.items())}
                 kind = picked[0]["kind"]
                 out.append({"axis": axis, "source": source, "kind": kind, "tensors": set_name, "level": level,
-                            "bins": bins, "slope": _slope([(float(x), b["median"]) for x, b in bins.items()])})
+                            "bins": bins, "slope": loglog_slope([(float(x), b["median"]) for x, b in bins.items()])})
     return out
 
 
