@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from . import __version__
 from .core.case import CaseError, case_spec, parse_case_spec
 from .core.known import KnownFailuresError
 from .core.suites import SuiteError, select_cases
@@ -21,6 +20,7 @@ from .implementations import RegistryError, builtin_implementations
 from .lab.audit import audit_command
 from .lab.bench import BenchConfig, bench_command
 from .lab.calibrate import calibrate_command
+from .lab.diffaudit import differential_audit_command
 from .options import build_parser
 from .reports.bugs import bug_summaries
 from .reports.annotate import annotations
@@ -30,14 +30,15 @@ from .reports.explain import result_text
 from .reports.merge import MergeError, merge_shards, merged_line
 from .reports.ledger import fixed_in_run, known_command
 from .reports.report import build_report, exit_status, render_markdown
-from .reports.store import ReportError, StreamError, load_report, open_stream, read_stream, stream_path, write_report
+from .reports.store import (ReportError, StreamError, load_report, open_stream, read_stream_checked, stream_path,
+                            write_report)
 from .reports.summary import SUMMARY_LIMIT, SummaryError, summarize
 from .repro.issue import write_repro
 from .repro.script import ReproError
 from .repro.shrink import ShrinkError, judge_with, shrink
 from .run.env import DeviceError, device_facts, fingerprint
 from .run.order import replay
-from .run.plan import RunPlan, case_sources, execute_plan
+from .run.plan import RunPlan, case_sources, execute_plan, partial_note, plan_digest, resume_done
 from .run.session import Session
 from .run.shards import ShardError, shard_fingerprint, shard_selection
 from .run.worker import Call
@@ -45,6 +46,7 @@ from .search.command import options_from_args, search_command
 from .search.space import SearchError
 
 USAGE_EXIT = 2
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # per (case, implementation); beyond it a wait is no longer a budget
 
 
 class UsageError(Exception):
@@ -92,8 +94,8 @@ def _terminated(signum, frame):
 def cmd_run(args) -> int:
     if args.repeat < 1:
         raise UsageError(f"--repeat {args.repeat} must be at least 1")
-    if args.timeout is not None and not args.timeout > 0:
-        raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds")
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}")
     suites = args.suite or ([] if args.case else ["smoke"])
     chosen, shard = shard_selection(select_cases(suites, args.case, args.dtype, args.max_tokens), args.shard,
                                     args.shard_by_time)
@@ -108,11 +110,16 @@ def cmd_run(args) -> int:
                    log_dir=out / "worker-logs", sources=case_sources(chosen))  # worker logs beside the report
     stream = stream_path(out, session.label)
     fp = shard_fingerprint(session.fingerprint(), shard)
-    sink, done = open_stream(stream, fp, args.resume)
+    sink, resumed = open_stream(stream, fp, args.resume, plan_digest(plan), args.force)
+    for line in resumed.skipped[:5]:
+        print(f"gqa-harness: --resume passed over {stream}: {line}", file=sys.stderr)
+    done = resume_done(plan, resumed.records)
     started = _now()
+    finished = False
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed job still writes its partial report
     try:
         execute_plan(session, plan, sink, Progress(args.quiet), done)
+        finished = True
     finally:
         signal.signal(signal.SIGTERM, previous)
         sink.close()
@@ -121,7 +128,12 @@ def cmd_run(args) -> int:
                     "implementations": [i.name for i in impls], "unavailable": unavailable,
                     "tolerances": session.tolerances.as_dict(), "known_entries": [k.id for k in session.known],
                     "strict": args.strict, "shard": shard}
-        report = build_report(read_stream(stream), fp, settings)
+        records, skipped = read_stream_checked(stream)
+        if skipped or resumed.forced:
+            settings["stream"] = {"lines_passed_over": skipped, "resumed_over_another_plan": resumed.forced}
+        if not finished:
+            settings["partial"] = partial_note(plan, records)
+        report = build_report(records, fp, settings)
         md = write_report(out, report, render_markdown(report))
     counts = report["summary"]["counts"]
     code = exit_status(report, args.strict)
@@ -135,8 +147,9 @@ def cmd_run(args) -> int:
     if os.environ.get("GITHUB_ACTIONS") == "true" and not args.json:  # in a workflow: the worst failures annotated
         print("".join(f"{a}\n" for a in annotations([report])), end="")
     if report["results"] and not report["summary"]["canary_failed_as_expected"] and plan.canaries:
-        print(f"the canary passed on {session.device}: this pipeline cannot fail here, its PASSes mean nothing",
-              file=sys.stderr)
+        errored = any(r["status"] == "ERROR" for r in report["results"] if r.get("canary"))
+        print(f"the canary {'ERRORED' if errored else 'passed'} on {session.device}: this pipeline was not shown able "
+              "to fail here, its PASSes mean nothing", file=sys.stderr)
     return code
 
 
@@ -223,12 +236,19 @@ def cmd_known(args) -> int:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"no such report path: {missing[0]}")
+    if not args.days >= 0:
+        raise UsageError(f"--days {args.days:g} must be zero or more")
+    if args.file and not Path(args.file).is_file():
+        raise UsageError(f"--file {args.file}: no such known-failures file")
+    for path in paths:
+        if path.is_file():
+            load_report(path)  # a file named on the command line that is not a report is an error, not skipped
     return known_command(paths, args.days, Path(args.file) if args.file else None, args.check)
 
 
 def _shrunk(args, case, impl, session):
-    result = shrink(case, impl, judge_with(impl, session), args.tensor, args.budget, min_excess=args.min_excess,
-                    seeds=args.seeds)
+    with judge_with(impl, session, timeout=args.budget) as judge:  # a hang costs one candidate, within budget
+        result = shrink(case, impl, judge, args.tensor, args.budget, min_excess=args.min_excess, seeds=args.seeds)
     print(f"{impl.name}: {result.signature} on {case.id} → {result.case.id} ({result.evaluations} evaluations, "
           f"{result.seconds:.0f} s, {'locally minimal' if result.locally_minimal else 'time budget reached'})",
           file=sys.stderr)
@@ -262,7 +282,8 @@ def cmd_repro(args) -> int:
                         compare=load_report(args.compare) if args.compare else None)
     print(repro.script_output)
     if not repro.reproduces:
-        print(f"gqa-harness repro: {repro.script} exits 0 here: it does not reproduce the failure", file=sys.stderr)
+        print(f"gqa-harness repro: {repro.script} exits {repro.script_exit} here without its BUG line: it does not "
+              "reproduce the failure", file=sys.stderr)
         return 1
     print(f"wrote {repro.script} (exits {repro.script_exit} while the bug is present) and {repro.issue}")
     return 0
@@ -284,6 +305,9 @@ def cmd_search(args) -> int:
 
 def cmd_audit(args) -> int:
     _positive(args, "seeds", "threads")
+    if args.differential:
+        return differential_audit_command(args.device, args.suite, args.seeds, args.first_seed, Path(args.out),
+                                          args.quiet, args.threads)
     return audit_command(args.device, args.suite, args.seeds, args.first_seed, args.impl, Path(args.out), args.quiet,
                          args.threads)
 
@@ -326,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gqa-harness: interrupted; the partial report was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # our own files (kernels' errors are results): a full disk, an unwritable --out
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"gqa-harness: error: cannot write{where}: {exc.strerror or exc}; what was written is kept, "
+              "continue with --resume once it can be written", file=sys.stderr)
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ def add_run_options(add: Callable[..., Any], prefix: str = "--") -> None:
         add(prefix + name, **kwargs)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors in one line, like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gqa-harness", description=description)
+    p = OneLineParser(prog="gqa-harness", description=description)
     p.add_argument("--version", action="version", version=f"gqa-harness {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +55,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     add_run_options(run.add_argument)
     run.add_argument("--no-canary", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue a stream started with another plan, recording the difference")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout (for scripts)")
     run.add_argument("--resume", action="store_true", help="continue the stream in --out, skipping finished results")
     run.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -182,6 +191,9 @@ def _lab_parsers(sub) -> None:
     audit.add_argument("--out", default="gqa-report", help="writes audit-<device>.json/.md here")
     audit.add_argument("--quiet", action="store_true")
     audit.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: many small cases)")
+    audit.add_argument("--differential", action="store_true",
+                       help="audit the differential rules (trends, GQA vs expanded) over a family suite instead "
+                            "(use --suite families); writes differential-audit-<device>.json/.md")
     cal = sub.add_parser("calibrate", help="measure error/scale of the low-precision designs and known-good kernels")
     cal.add_argument("--device", default=None)
     cal.add_argument("--suite", action="append", default=None, help="corpus suite(s) besides the axis grid (default: smoke)")

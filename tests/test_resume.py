@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.reports.store import open_stream, read_stream, repair_stream
+from harness.reports.store import StreamError, open_stream, read_stream, repair_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [f"b=1,hq=4,hkv=2,lq={n},d=32" for n in (16, 32, 48, 64)]
@@ -70,23 +70,54 @@ def test_a_killed_run_resumes_to_the_report_of_an_uninterrupted_run(tmp_path, mo
     assert _stable(resumed) == _stable(uninterrupted)
 
 
+def _line(case_id: str, status: str = "PASS") -> str:
+    return json.dumps({"type": "result", "case_id": case_id, "impl": "x", "status": status, "tensors": {}})
+
+
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     stream = tmp_path / "s.jsonl"
-    stream.write_text('{"type": "result", "case_id": "a", "impl": "x"}\n{"type": "result", "case_')
+    stream.write_text(_line("a") + '\n{"type": "result", "case_')
     repair_stream(stream)
-    assert stream.read_text() == '{"type": "result", "case_id": "a", "impl": "x"}\n'
-    sink, done = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
-    sink({"type": "result", "case_id": "b", "impl": "x"})
+    assert stream.read_text() == _line("a") + "\n"
+    sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
+    sink(json.loads(_line("b")))
     sink.close()
-    assert [r["case_id"] for r in read_stream(stream)] == ["a", "b"] and done == {("a", "x")}
+    assert [r["case_id"] for r in read_stream(stream)] == ["a", "b"]
+    assert [r["case_id"] for r in resumed.records] == ["a"] and resumed.skipped == []
+
+
+def test_resume_validates_every_line_and_names_those_it_passes_over(tmp_path):
+    stream = tmp_path / "s.jsonl"
+    stream.write_bytes(b"\n".join([_line("a").encode(), _line("b", "BOGUS").encode(), b'{"type": "result"}', b"[1, 2]",
+                                    b"null", b"\xff\xfe not utf-8", _line("c").encode()]) + b"\n")
+    sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
+    sink.close()
+    assert [r["case_id"] for r in resumed.records] == ["a", "c"]
+    assert [s.split(":")[0] for s in resumed.skipped] == ["line 2", "line 3", "line 4", "line 5", "line 6"]
+    assert "BOGUS" in resumed.skipped[0]
+
+
+def test_resume_refuses_another_plan_in_one_line_unless_forced(tmp_path):
+    stream = tmp_path / "s.jsonl"
+    first = {"cases": ["c1", "c2"], "implementations": ["sdpa-math"], "repeat": 1}
+    sink, _ = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=False, plan=first)
+    sink.close()
+    other = {**first, "cases": ["c1", "c3"]}
+    with pytest.raises(StreamError) as info:
+        open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True, plan=other)
+    assert "another plan (cases: 1 dropped (e.g. c2), 1 added (e.g. c3))" in str(info.value)
+    assert "\n" not in str(info.value)
+    sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True, plan=other, force=True)
+    sink.close()
+    assert resumed.forced and read_stream(stream)[-1]["resumed_over"] == resumed.forced
 
 
 def test_a_fresh_run_replaces_the_stream_and_resume_keeps_it(tmp_path):
     stream = tmp_path / "s.jsonl"
     stream.write_text('{"type": "result", "case_id": "a", "impl": "x"}\n')
-    sink, done = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=False)
+    sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=False)
     sink.close()
-    assert done == set() and [r["type"] for r in read_stream(stream)] == ["run"]
-    sink, done = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
+    assert resumed.records == [] and [r["type"] for r in read_stream(stream)] == ["run"]
+    sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
     sink.close()
-    assert done == set() and len(read_stream(stream)) == 1
+    assert [r["type"] for r in resumed.records] == ["run"] and len(read_stream(stream)) == 1

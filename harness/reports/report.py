@@ -19,6 +19,7 @@ from .bugs import bugs_section
 from .explain import FAILING, cell
 from .ledger import entry_states_in_run
 from .store import SCHEMA_VERSION, clean_json
+from .trends import differential_verdicts, failing, trends_section
 
 
 def build_report(records: list[dict[str, Any]], fingerprint: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -44,12 +45,15 @@ def build_report(records: list[dict[str, Any]], fingerprint: dict[str, Any], set
                     "canary_failed_as_expected": bool(canary) and all(r["status"] == "FAIL" for r in canary)},
         "cases": cases,
         "results": ordered,
+        "differential": differential_verdicts(records),
     })
 
 
 def exit_status(report: dict[str, Any], strict: bool = False) -> int:
     bad = set(FAILING) | ({"KNOWN"} if strict else set())
     if not report["summary"]["canary_failed_as_expected"] and any(r.get("canary") for r in report["results"]):
+        return 1
+    if failing(report, tuple(bad)):
         return 1
     return 1 if any(r["status"] in bad for r in report["results"] if not r.get("canary")) else 0
 
@@ -95,11 +99,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         "",
     ]
+    partial = (report.get("settings") or {}).get("partial")
+    if partial:
+        lines += [f"> **PARTIAL REPORT**: {partial['reason']}: {partial['results']} of {partial['planned']} results; "
+                  f"the canary {'ran' if partial['canary_ran'] else 'did not run'}. Continue with `--resume`.", ""]
     bugs = bugs_section(report)
-    errors = [r for r in report["results"] if r["status"] == "ERROR" and not r.get("canary")]
-    lines += ["## Failures" if bugs or errors else "## No failures", "", *bugs]
+    errors = [r for r in report["results"]
+              if (r["status"] == "ERROR" or r.get("error_kind") == "global-state") and not r.get("canary")]
+    lines += ["## Failures" if bugs or errors or failing(report) else "## No failures", "", *bugs]
     if errors:
-        lines += ["### Errors (the call itself failed: crash, hang, exception, out of memory)", ""]
+        lines += ["### Errors (the call itself failed: crash, hang, exception, out of memory; or it changed "
+                  "process-global settings later results depend on)", ""]
         lines.append(tabulate([[cell(r["case_id"]), cell(r["impl"]), r.get("error_kind", ""), cell(r["error"][:200])]
                                for r in errors], headers=["case", "impl", "kind", "error"], tablefmt="github"))
         lines.append("")
@@ -110,6 +120,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                                for x in known], headers=["case", "impl", "tensor", "level", "error/scale", "evidence"],
                               tablefmt="github"))
         lines.append("")
+    lines += trends_section(report)
     lines += _known_entries(report) + _canary_section(report) + _pass_table(report) + _unsupported(report)
     lines += _reliability(report)
     lines += ["## Fingerprint", "", "```json", json.dumps(fp, indent=1), "```", ""]
@@ -132,7 +143,9 @@ def _canary_section(report: dict[str, Any]) -> list[str]:
         return []
     ok = report["summary"]["canary_failed_as_expected"]
     head = ("## Canary: failed as expected (the pipeline can fail on this device)" if ok else
-            "## CANARY PASSED: this pipeline cannot fail on this device; its PASSes mean nothing")
+            ("## CANARY ERRORED: the pipeline was not shown able to fail on this device; its PASSes mean nothing"
+             if any(r["status"] == "ERROR" for r in canary) else
+             "## CANARY PASSED: this pipeline cannot fail on this device; its PASSes mean nothing"))
     rows = [[r["case_id"], r["impl"], r["status"]] for r in canary]
     return [head, "", tabulate(rows, headers=["case", "canary", "status"], tablefmt="github"), ""]
 

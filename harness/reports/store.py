@@ -93,6 +93,42 @@ def read_stream_strict(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_stream_checked(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every record of a stream that is valid JSON, UTF-8 and of the stream schema, and one line per line
+    passed over (its number and why): what a resumed run continues from and reports."""
+    records, skipped = [], []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            skipped.append(f"line {n}: not a JSON record ({type(exc).__name__})")
+            continue
+        problem = first_error(record, "stream")
+        if problem:
+            skipped.append(f"line {n}: {problem}")
+            continue
+        records.append(record)
+    return records, skipped
+
+
+def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two run plans, in words ('' when nothing)."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            gone, added = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            parts.append(f"{key}: " + ", ".join(x for x in (gone and f"{len(gone)} dropped (e.g. {gone[0]})",
+                                                           added and f"{len(added)} added (e.g. {added[0]})") if x))
+        else:
+            parts.append(f"{key}: {a!r} then, {b!r} now")
+    return "; ".join(parts)
+
+
 def repair_stream(path: Path) -> None:
     """Cut a torn last line (a run killed mid-write) so appended records start on a line of their own."""
     if not path.exists():
@@ -111,25 +147,46 @@ def done_results(records: list[dict[str, Any]]) -> set[tuple[str, str]]:
 RESUME_KEYS = ("device_label", "torch", "cuda", "hip", "cudnn", "harness", "shard")
 
 
-def open_stream(path: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[JsonlSink, set[tuple[str, str]]]:
-    """The sink for a run and what it may skip. Fresh: the old stream goes, a header record starts the
-    new one. Resume: a torn last line is cut, the header checked, finished results are skipped."""
-    header = {"type": "run", "fingerprint": {k: fingerprint.get(k) for k in RESUME_KEYS}}
+@dataclass(frozen=True)
+class Resumed:
+    """What a stream already holds when a run continues it."""
+
+    records: list[dict[str, Any]]
+    skipped: list[str]  # lines passed over, each with its number and why
+    forced: str = ""  # the plan difference --force accepted, if any
+
+
+def open_stream(path: Path, fingerprint: dict[str, Any], resume: bool, plan: dict[str, Any] | None = None,
+                force: bool = False) -> tuple[JsonlSink, Resumed]:
+    """The sink for a run and what it continues. Fresh: the old stream goes, a header record starts the
+    new one. Resume: a torn last line is cut, every line validated (the bad ones passed over and named),
+    the header's environment and plan checked: another plan is refused unless `force`, which records
+    the difference in a new header."""
+    header = {"type": "run", "fingerprint": {k: fingerprint.get(k) for k in RESUME_KEYS},
+              **({"plan": plan} if plan is not None else {})}
     if not resume or not path.exists():
         path.unlink(missing_ok=True)
         sink = JsonlSink(path)
         sink(header)
-        return sink, set()
+        return sink, Resumed([], [])
     repair_stream(path)
-    records = read_stream(path)
+    records, skipped = read_stream_checked(path)
     old = next((r for r in records if r.get("type") == "run"), None)
+    forced = ""
     if old is not None:
         diff = [k for k in RESUME_KEYS if old["fingerprint"].get(k) != header["fingerprint"][k]]
         if diff:
             k = diff[0]
             raise StreamError(f"--resume: {path} was written with {k}={old['fingerprint'].get(k)!r}, this run has "
                               f"{k}={header['fingerprint'][k]!r}; use another --out or drop --resume")
-    return JsonlSink(path), done_results(records)
+        forced = plan_difference(old.get("plan") or {}, plan or {}) if plan is not None and "plan" in old else ""
+        if forced and not force:
+            raise StreamError(f"--resume: {path} was started with another plan ({forced}); run the same selection, "
+                              "use another --out, or add --force to continue it and record the difference")
+    sink = JsonlSink(path)
+    if forced:
+        sink({**header, "resumed_over": forced})
+    return sink, Resumed(records, skipped, forced)
 
 
 # --- reports -------------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..core.case import Case
+from ..core.differential import load_rules
 from ..core.results import ImplResult, Status
 from ..core.suites import SuiteCase
 from ..implementations import Implementation
 from ..implementations.canary import CANARY_CASE
 from .order import OrderChecker
+from .pairs import family_judgements, pair_judgements, record
 from .session import CaseRunner, Session
 
 
@@ -35,6 +37,38 @@ class RunPlan:
     order_check: bool = True  # re-run every FAIL alone in a fresh process (order.py); isolated runs only
     log_dir: Path | None = None  # worker stdout/stderr logs
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # case id -> its suite file and line
+
+
+def plan_digest(plan: RunPlan) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the work and how it is judged."""
+    return {"cases": sorted(c.id for c in plan.cases), "implementations": sorted(i.name for i in plan.impls),
+            "canaries": sorted(i.name for i in plan.canaries), "repeat": plan.repeat, "isolate": plan.isolate,
+            "shuffle": plan.shuffle, "timeout": plan.timeout, "order_check": plan.order_check}
+
+
+def plan_size(plan: RunPlan) -> int:
+    return sum(len(impls) for _, impls in plan_work(plan))
+
+
+def resume_done(plan: RunPlan, records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(case, implementation) pairs a resumed run may skip: those with a result in the stream, except the
+    layout-sibling groups of a FAIL whose order check was cut off. Those groups run again, in order, so the
+    check sees the calls that an uninterrupted run's worker had made before the FAIL."""
+    results = {(r["case_id"], r["impl"]): r for r in records if r.get("type") == "result"}
+    planned = {(c.id, i.name): c for c, impls in plan_work(plan) for i in impls}
+    done = {key for key in results if key in planned}
+    if not (plan.isolate and plan.order_check):
+        return done
+    cut = {layout_sibling_key(planned[key]) for key, r in results.items()
+           if key in planned and r["status"] == "FAIL" and not r.get("canary") and "order" not in (r.get("notes") or {})}
+    return {key for key in done if layout_sibling_key(planned[key]) not in cut}
+
+
+def partial_note(plan: RunPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a report of a run that did not reach its end must say: how much ran, and whether the canary did."""
+    results = {(r["case_id"], r["impl"]): r for r in records if r.get("type") == "result"}
+    return {"reason": "stopped before the end (Ctrl-C, SIGTERM or a time limit)", "planned": plan_size(plan),
+            "results": len(results), "canary_ran": any(r.get("canary") for r in results.values())}
 
 
 def case_sources(chosen: Iterable[SuiteCase]) -> dict[str, dict[str, Any]]:
@@ -94,6 +128,7 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
     total = sum(len(impls) for _, impls in work)
     results: list[ImplResult] = []
     count = 0
+    rules = load_rules()
     checker = OrderChecker(session, plan.timeout, plan.log_dir) if plan.isolate and plan.order_check else None
     with CaseRunner(session, isolate=plan.isolate, timeout=plan.timeout, repeat=plan.repeat, log_dir=plan.log_dir,
                     sink=with_sources(sink, plan.sources)) as runner:
@@ -110,6 +145,11 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
                 count += 1
                 if progress:
                     progress(count, total, result)
+            if todo and runner.refs is not None:  # the case ended: native GQA vs expanded K/V on it
+                for verdict in pair_judgements(session, rules, runner.refs, runner.outputs):
+                    sink(record(verdict))
     if checker:
         results = checker.finish(results, sink)
+    for verdict in family_judgements(session, rules, results, plan.cases):  # plan level: the trend rules
+        sink(record(verdict))
     return results

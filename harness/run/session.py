@@ -16,12 +16,13 @@ from typing import Any, Callable
 from ..core.case import Case, case_spec
 from ..core.known import KnownFailure, load_known
 from ..core.references import References, references
-from ..core.results import ImplResult, Status, worst_status
+from ..core.results import ImplResult, Outputs, Status, worst_status
 from ..core.verdict import Tolerances, Where, judge, load_tolerances
 from ..implementations import DeviceFacts, Implementation, canaries, resolve
 from .env import device_facts, device_label, environment_versions, fingerprint, pin_process_state
 from .execute import Executor, Failure, execute
 from .memory import OomTracker, skip_reason
+from .pairs import capturing
 from .worker import Call, Worker, rebuildable
 
 
@@ -83,7 +84,13 @@ def run_one(session: Session, refs: References, impl: Implementation, executor: 
     status = worst_status([v.status for v in verdicts.values()])
     # an ERROR result says why in one line, like a raising kernel's does (e.g. backward raised)
     error = next((f"{v.tensor}: {v.reason}" for v in verdicts.values() if v.status is Status.ERROR), "")
-    return ImplResult(**base, status=status, tensors=verdicts, error=error,
+    kind = "backward" if error else ""
+    changed = outcome.notes.get("global_state")
+    if changed:  # rule global-state: later results would depend on it (put back by execute)
+        status = worst_status([status, Status.FAIL])
+        error, kind = "global-state: the kernel changed " + ", ".join(f"{k} {v}" for k, v in changed.items()) + \
+            " (restored before the next call)", "global-state"
+    return ImplResult(**base, status=status, tensors=verdicts, error=error, error_kind=kind,
                       notes={**outcome.notes, "strides": outcome.strides}, seconds=seconds)
 
 
@@ -107,6 +114,7 @@ class CaseRunner:
         self.worker = Worker(session.device, session.facts.kind, timeout=timeout, repeat=repeat,
                              log_dir=log_dir) if isolate else None
         self.refs: References | None = None
+        self.outputs: dict[str, Outputs] = {}  # the current case's outputs, for gqa-vs-expanded (pairs.py)
         self._case: Case | None = None
         self._too_big: str | None = None
         self._ooms = OomTracker()
@@ -125,7 +133,7 @@ class CaseRunner:
     def references(self, case: Case) -> References | None:
         """The case's references (None when they cannot fit in host memory), computed once per case."""
         if case != self._case:
-            self._case, self._too_big = case, skip_reason(case)
+            self._case, self._too_big, self.outputs = case, skip_reason(case), {}
             self.refs = None if self._too_big else references(case)
             if self.sink:
                 self.sink(case_record(case, self.refs))
@@ -145,7 +153,7 @@ class CaseRunner:
                               status=Status.UNSUPPORTED if self._too_big else Status.ERROR,
                               error_kind="memory" if self._too_big else "oom")
         executor, self._isolated_last = self._executor(impl)
-        result = run_one(self.session, refs, impl, executor)
+        result = run_one(self.session, refs, impl, capturing(executor, self.outputs))
         if result.error_kind == "oom":
             self._ooms.record(impl.name, case)
         if self.worker is not None and not self._isolated_last:
