@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, assume, note, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 from .case import ALIASES, CAUSAL, FIELDS, LAYOUTS, MASK_FILLS, MASKS, VALUES, Case

@@ -31,7 +31,8 @@ from ..core.suites import load_suite
 from ..implementations import Implementation, builtin_implementations
 from ..reports.store import clean_json
 from ..run.execute import execute
-from ..run.pairs import capturing, pair_judgements
+from ..run.execute import capturing
+from ..run.pairs import pair_judgements
 from ..run.session import Session, run_one
 from .audit import audit_cases, design_verdicts
 

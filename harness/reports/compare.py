@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from ..core.metrics import LEVELS
 from ..core.results import TENSORS
-from .explain import cell
+from .explain import cell as escape
 from .store import SCHEMA_VERSION, ReportError, load_report
 
 FAILS = ("FAIL", "ERROR", "KNOWN")  # the kernel is wrong there (KNOWN: wrong, and on file)
@@ -268,7 +268,7 @@ def impl_summary(m: Matrix) -> list[list[str]]:
 def _table(rows: list[Row], columns: list[str], note: bool) -> str:
     body = [[r.key[0], r.key[1], r.key[2], *(r.cells[c].text() if c in r.cells else "—" for c in columns),
              *([r.note] if note else [])] for r in rows]
-    return tabulate([[cell(x) for x in row] for row in body],
+    return tabulate([[escape(x) for x in row] for row in body],
                     headers=["case", "impl", "tensor", *columns, *(["devices"] if note else [])], tablefmt="github")
 
 
@@ -279,13 +279,13 @@ def render_matrix(m: Matrix) -> str:
                 d.canary + (": this column cannot be trusted" if d.canary == "DID NOT FAIL" else ""), d.path]
                for d in m.devices]
     lines = ["# gqa-harness cross-device matrix", "",
-             tabulate([[cell(x) for x in row] for row in fp_rows], headers=["column", "device", "torch", "CUDA/HIP", "cuDNN", "canary", "report"],
+             tabulate([[escape(x) for x in row] for row in fp_rows], headers=["column", "device", "torch", "CUDA/HIP", "cuDNN", "canary", "report"],
                       tablefmt="github"), "",
              "Cell: verdict and error / scale, where scale = max(dtype floor, low-precision reference, fp32 eps × "
              "magnitude); read at the failing level (slice, row) for a failure, the whole tensor otherwise. "
              "A correct kernel stays under the level's factor (tensor 2, slice 2.5, row 5). — = not run there.", ""]
     lines += ["## Summary: device × implementation", "", "Judged (case, tensor) rows per implementation and device.", "",
-              tabulate([[cell(x) for x in row] for row in impl_summary(m)], headers=["implementation", *columns], tablefmt="github"), ""]
+              tabulate([[escape(x) for x in row] for row in impl_summary(m)], headers=["implementation", *columns], tablefmt="github"), ""]
     if m.refused:
         lines += ["## Refused", "", *(f"- {r}" for r in m.refused), ""]
     sections = [("disagree", "Devices disagree", True), ("fails", "Fail on every device that judged them", True),

@@ -48,7 +48,7 @@ from tabulate import tabulate
 from ..core.metrics import LEVELS
 from .compare import Cell, RowKey, report_rows
 from .envelope import Envelope, default_bands, default_envelope
-from .explain import cell
+from .explain import cell as escape
 from .store import ReportError, load_json
 
 JUDGED = ("FAIL", "KNOWN", "PASS")  # statuses that carry error / scale numbers
@@ -342,7 +342,7 @@ def render_diff(d: Diff, baseline: str, new: str) -> str:
         if not rows:
             continue
         lines += [f"## {title} ({len(rows)})", ""]
-        lines.append(tabulate([[cell(x) for x in (*c.key, _cell_text(c.before), _cell_text(c.after), c.detail[:240])]
+        lines.append(tabulate([[escape(x) for x in (*c.key, _cell_text(c.before), _cell_text(c.after), c.detail[:240])]
                                for c in rows],
                               headers=["case", "impl", "tensor", "baseline", "new", "detail"], tablefmt="github"))
         lines.append("")

@@ -83,6 +83,17 @@ def execute(impl: Implementation, inputs: Inputs, device: str, repeat: int = 1) 
     return outcome
 
 
+def capturing(executor: Executor, keep: dict[str, Outputs]) -> Executor:
+    """`executor`, keeping each non-canary implementation's outputs in `keep` by name (the current case's,
+    for the differential rule that compares native GQA with hand-expanded K/V: run/pairs.py)."""
+    def run(impl: Implementation, inputs, device: str, *args, **kwargs):
+        outcome = executor(impl, inputs, device, *args, **kwargs)
+        if not isinstance(outcome, Failure) and not impl.canary:
+            keep[impl.name] = outcome
+        return outcome
+    return run
+
+
 _STATE_FLAGS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
     "flash_sdp": (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
     "mem_efficient_sdp": (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),

@@ -9,27 +9,14 @@ Each verdict is a stream record {"type": "differential", ...}; known failures ab
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from ..core.case import Case
 from ..core.differential import (DiffRules, DiffVerdict, Point, absorb, expanded_partner,
                                  pair_differences, pair_verdicts, trend_verdicts)
 from ..core.references import References
 from ..core.results import ImplResult, Outputs
-from ..implementations import Implementation
-from .execute import Executor, Failure
-
-if TYPE_CHECKING:  # session.py imports this module (CaseRunner keeps outputs through `capturing`)
-    from .session import Session
-
-
-def capturing(executor: Executor, keep: dict[str, Outputs]) -> Executor:
-    def run(impl: Implementation, inputs, device: str, *args, **kwargs):
-        outcome = executor(impl, inputs, device, *args, **kwargs)
-        if not isinstance(outcome, Failure) and not impl.canary:
-            keep[impl.name] = outcome
-        return outcome
-    return run
+from .session import Session
 
 
 def record(verdict: DiffVerdict) -> dict[str, Any]:

@@ -20,9 +20,8 @@ from ..core.results import ImplResult, Outputs, Status, worst_status
 from ..core.verdict import Tolerances, Where, judge, load_tolerances
 from ..implementations import DeviceFacts, Implementation, canaries, resolve
 from .env import device_facts, device_label, environment_versions, fingerprint, pin_process_state
-from .execute import Executor, Failure, execute
+from .execute import Executor, Failure, capturing, execute
 from .memory import OomTracker, skip_reason
-from .pairs import capturing
 from .worker import Call, Worker, rebuildable
 
 
