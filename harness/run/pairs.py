@@ -1,9 +1,9 @@
 """Glue between a run and the differential verdicts (core/differential.py decides; this collects).
 
-  * `capturing` wraps an executor so the outputs of the current case's implementations are kept
-    until the case ends (sdpa-X and expanded-kv-X pair up): the only raw outputs a run holds after judging;
-  * `pair_records` judges native GQA against the same backend on expanded K/V for the case that ended;
-  * `family_records` judges the trend rules over every result of the run (plan level).
+  * the CaseRunner keeps the current case's outputs (execute.capturing) until the case ends: the only raw
+    outputs a run holds after judging (sdpa-X and expanded-kv-X pair up);
+  * `pair_judgements` judges native GQA against the same backend on expanded K/V for the case that ended;
+  * `family_judgements` judges the trend rules over every result of the run (plan level).
 Each verdict is a stream record {"type": "differential", ...}; known failures absorb them here.
 """
 
