@@ -62,6 +62,8 @@ def refused(argv: list[str]) -> bool:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = harness_main(argv)
+    except SystemExit as exc:  # argparse's own refusals: the console script exits with this code
+        code = exc.code
     except BaseException:  # noqa: BLE001 - a traceback out of main is what this try looks for
         return False
     text = err.getvalue().strip()
@@ -159,12 +161,15 @@ def load(work: Path) -> list[tuple[str, bool]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--only", default=None, help="one class: bad-input, injection, faults, interruptions, load")
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="gqa-hostile-"))
     work.mkdir(parents=True, exist_ok=True)
     table: dict[str, list[tuple[str, bool]]] = defaultdict(list)
     for name, fn in (("bad input", bad_input), ("injection", injection), ("faults", faults),
                      ("interruptions", interruptions), ("load", load)):
+        if args.only and args.only != name.replace(" ", "-"):
+            continue
         start = time.monotonic()
         table[name] = fn(work)
         print(f"{name}: {len(table[name])} tries in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
