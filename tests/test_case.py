@@ -26,7 +26,7 @@ def test_id_is_stable_and_readable():
     ("b=1,hq=4,hkv=2,lq=8,d=64,heads=3", "unknown case field 'heads'"),
     ("b=1,hq=4,hkv=2,lq=8", "case is missing head_dim"),
     ("b=1,hq=4,hkv=2,lq=x,d=8", "q_len='x' must be an integer"),
-    ("b=1,hq=4,hkv=2,lq=8,d=8,scale=-1", "scale=-1.0 must be a positive number"),
+    ("b=1,hq=4,hkv=2,lq=8,d=8,scale=-1", "scale=-1.0 must be a positive finite number"),
     ("b=1,hq=4,hkv=2,lq=8,d=8,mask=padding", "mask='padding' needs batch >= 2"),
     ("b=1,hq4", "--case item 'hq4' is not key=value"),
 ])
