@@ -42,10 +42,9 @@ NOT_RUN_HERE = {
     ("rocm.yml", "merge"): {"install": README, "merge": SAME, "summary": SAME, "gate": SAME},
     ("nightly.yml", "plan"): {"plan": SAME},
     ("nightly.yml", "cpu"): {"install": README, "env": SAME, "edge": SAME, "hypothesis": TESTS},
-    ("nightly.yml", "cuda"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
-                              "hypothesis": GPU},
+    ("nightly.yml", "cuda"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME},
     ("nightly.yml", "rocm"): {"install": README, "env": SAME, "gpus": SAME, "models": SAME, "edge": SAME,
-                              "hypothesis": GPU},
+                              "search": SAME},
     ("nightly.yml", "merge-cpu"): {"install": README},
     ("nightly.yml", "merge-cuda"): {"install": README, "models": SAME, "edge": SAME, "summary": SAME},
     ("nightly.yml", "merge-rocm"): {"install": README, "models": SAME, "edge": SAME, "summary": SAME},
@@ -64,6 +63,8 @@ lq = 8
 d = 16
 dtype = "bf16"
 """
+# The nightly search steps run as written with a one-second budget (the canary, the report, no example).
+SEARCH_BUDGET = {"GQA_SEARCH_BUDGET": "1"}
 SHARD_SUITE = TINY_SUITE.replace("hq = 2", "hq = [2, 4]").replace('dtype = "bf16"', 'dtype = ["bf16", "fp16"]')  # 2+2
 
 
@@ -264,7 +265,8 @@ def _as_device(report: Path, directory: Path, label: str) -> None:
 
 
 def _context(job: str, runner: str, shard: int = 1, count: int = 1) -> dict[str, str]:
-    return {"github.job": job, "join(matrix.runner, '-')": runner, "inputs.suite || 'smoke'": "smoke",
+    return {"github.job": job, "github.run_number": "0", "join(matrix.runner, '-')": runner,
+            "inputs.suite || 'smoke'": "smoke",
             "env.GQA_OUT": "gqa-out", "env.GQA_MATRIX": "gqa-matrix", "env.GQA_REPORTS": "nightly-reports",
             "env.GQA_SHARDS_DIR": "gqa-shards", "matrix.shard": str(shard), "needs.plan.outputs.count": str(count),
             **{f"inputs.shards || vars.GQA_{kind}_SHARDS || '1'": "1" for kind in ("CUDA", "ROCM", "NIGHTLY")}}
@@ -376,7 +378,8 @@ def test_gpu_regression_gate_fails_when_the_baseline_has_a_row_the_new_report_lo
 
 def test_nightly_cpu_shard_then_its_merge_job_give_one_report_per_suite(tmp_path, tiny_suite, sharded):
     shutil.copytree(sharded / "one-shard", tmp_path / "gqa-out" / "edge")  # the edge step is the models step (SAME)
-    run, name, path = _run("nightly.yml", "cpu", tmp_path, "", {"GQA_SUITE": str(tiny_suite)})
+    run, name, path = _run("nightly.yml", "cpu", tmp_path, "", {"GQA_SUITE": str(tiny_suite), **SEARCH_BUDGET})
+    assert json.loads((path / "search" / "cpu-x86_64.json").read_text())["search"]["seed"] == 0
     assert name == "gqa-shard-nightly-cpu-x86_64-cpu-shard1of1"
     assert json.loads((path / "models" / "cpu-x86_64.json").read_text())["settings"]["shard"]["shard"] == "1/1"
     assert (path / "edge" / "cpu-x86_64.json").is_file()
@@ -395,7 +398,9 @@ def test_nightly_cpu_shard_then_its_merge_job_give_one_report_per_suite(tmp_path
 def test_nightly_gpu_jobs_post_run_steps_work_on_cpu_reports(tmp_path, cpu_report, job, runner):
     for suite in ("models", "edge"):
         _place(cpu_report, tmp_path / "gqa-out" / suite)
-    run, name, path = _run("nightly.yml", job, tmp_path, runner, {"GQA_DEVICE": "cpu"})
+    run, name, path = _run("nightly.yml", job, tmp_path, runner, {"GQA_DEVICE": "cpu", **SEARCH_BUDGET})
+    if "search" not in NOT_RUN_HERE[("nightly.yml", job)]:  # rocm's is cuda's step (SAME)
+        assert (path / "search" / "cpu-x86_64.md").read_text().count("## Findings") == 1
     assert name == f"gqa-shard-nightly-cpu-x86_64-{runner}-shard1of1" and run.summary.count("# gqa-harness report") == 2
     merge = workflow_steps(WORKFLOWS / "nightly.yml", f"merge-{job}")
     assert download(merge, _context(f"merge-{job}", runner), {name: path}, tmp_path / "merge") == [name]

@@ -37,7 +37,7 @@ from ..repro.shrink import Signature, same_failure, signature_of
 from ..run.session import CaseRunner, Session
 from .findings import Finding, finding_from_record
 from .space import SearchSpace
-from .store import ExampleStore
+from .store import Entry, ExampleStore
 
 ROUND_EXAMPLES = 200  # examples per find() call; past a limit the rest of a round costs ~ms each
 Sink = Callable[[dict[str, Any]], None]
@@ -60,6 +60,16 @@ class Prior:
     examples: int = 0
     elapsed: float = 0.0
     rounds: int = 0
+
+
+@dataclass(frozen=True)
+class Met:
+    """An example with a failure no finding explained when it ran: its choices (pending in the store until
+    every failure on it is explained) and when it was met."""
+
+    choices: bytes | None
+    examples: int
+    elapsed: float
 
 
 @dataclass
@@ -96,7 +106,6 @@ class Hunt:
         self.target: tuple[Implementation, Signature] | None = None
         self.start: Case | None = None
         self.found_examples, self.found_s, self.locked_at = 0, 0.0, 0.0
-        self.first: bytes | None = None  # the choices of the first failing example (pending in the store)
         self.choices: bytes | None = None  # ... of the last example the condition held for: the shrunk one
         self.result: ImplResult | None = None  # the target's result on that example
         self.evaluations = 0
@@ -108,9 +117,6 @@ class Hunt:
         held = self._explore(case) if self.target is None else self._same(case)
         if held:
             self.choices = current_choices()
-            if self.first is None:
-                self.first = self.choices
-                self.search.pending(self.first)
         return held
 
     def _explore(self, case: Case) -> bool:
@@ -118,12 +124,13 @@ class Hunt:
             return False
         failing = self.search.explore(case)
         self.met_failure = self.met_failure or bool(failing)
-        new = [r for r in failing if not self.search.explained(r, case)]
+        new = self.search.unexplained(case)
         if not new:
             return False
+        met = self.search.meet(case, current_choices())
         impl = next(i for i in self.search.impls if i.name == new[0].impl)
         self.target, self.start, self.result = (impl, signature_of(new[0])), case, new[0]
-        self.found_examples, self.found_s = self.search.tally.examples, self.search.elapsed()
+        self.found_examples, self.found_s = met.examples, met.elapsed
         self.locked_at = self.search.clock()
         return True
 
@@ -154,6 +161,8 @@ class Search:
         self.tally = Tally(examples=prior.examples, rounds=prior.rounds, findings=list(prior.findings))
         self.started = clock() - prior.elapsed
         self.seen: dict[Case, tuple[ImplResult, ...]] = {}  # failing results of every example run
+        self.met: dict[Case, Met] = {}  # examples with failures not yet explained
+        self._stuck: set[Case] = set()  # ... whose replay made no finding (not tried again)
         self.explore_runner = self._runner(sink)
         self.shrink_runner = self._runner(None)
 
@@ -199,9 +208,16 @@ class Search:
         cls = self.space.case_class(case)
         return any(f.explains(result, cls) for f in self.tally.findings)
 
-    def pending(self, choices: bytes | None) -> None:
-        if choices is not None:
-            self.store.save_pending(choices)
+    def unexplained(self, case: Case) -> list[ImplResult]:
+        return [r for r in self.seen.get(case, ()) if not self.explained(r, case)]
+
+    def meet(self, case: Case, choices: bytes | None) -> Met:
+        """The first time `case` shows an unexplained failure: its choices go to the store's pending corpus."""
+        if case not in self.met:
+            self.met[case] = Met(choices, self.tally.examples, round(self.elapsed(), 2))
+            if choices is not None:
+                self.store.save_pending(choices)
+        return self.met[case]
 
     def canary(self) -> None:
         """The deliberately wrong kernel once per dtype: the report says whether this pipeline can fail here."""
@@ -236,7 +252,26 @@ class Search:
                               random=Random(f"{self.seed}/{self.tally.rounds}"))
             self.tally.rounds += 1
             if case is not None:
-                self._finish(hunt, case, replayed=False, old=hunt.first)
+                self._finish(hunt, case, replayed=False, old=None)
+            self.leftovers()
+
+    def leftovers(self) -> None:
+        """Failures met on an example whose hunt locked on another one (another implementation, another
+        tensor): the example is replayed from its choices and hunted again until each is explained."""
+        while True:
+            for case in [c for c in self.met if not self.unexplained(c)]:
+                self.store.drop(self.met.pop(case).choices)
+            case = next((c for c in self.met if c not in self._stuck and self.met[c].choices is not None), None)
+            if case is None:
+                return
+            hunt = Hunt(self, replay=True)
+            found = self._find(hunt, [Phase.reuse, Phase.shrink], 2, self.store.db,
+                               key=self.store.stage(Entry(self.met[case].choices, shrunk=False)))
+            self.store.clear_replay()
+            if found is None:
+                self._stuck.add(case)
+            else:
+                self._finish(hunt, found, replayed=False, old=None)
 
     def _find(self, hunt: Hunt, phases: list[Phase], max_examples: int, db: ExampleDatabase | None,
               key: bytes | None = None, random: Random | None = None) -> Case | None:
@@ -259,7 +294,7 @@ class Search:
             confirm_status=str(confirm.status), replayed=replayed)
         self.tally.findings.append(finding)
         self.sink(finding.to_record())
-        self.store.settle((old, hunt.first), hunt.choices)
+        self.store.settle(old, hunt.choices)
         return finding
 
     def confirm(self, case: Case, impl: Implementation) -> ImplResult:
@@ -275,7 +310,9 @@ class Search:
     def run(self) -> Tally:
         self.canary()
         self.replay()
+        self.leftovers()
         self.explore_rounds()
+        self.leftovers()
         return self.tally
 
 

@@ -60,6 +60,19 @@ class Finding:
         return data
 
 
+def subsumed(findings: list[Finding]) -> dict[int, int]:
+    """Finding number -> the number of another finding of the same implementation, tensor and rule in a
+    strictly wider class (met later, or shrunk further): the same bug, so it is not filed twice."""
+    out = {}
+    for f in findings:
+        for g in findings:
+            same = (g.impl, g.signature.tensor, g.signature.kind) == (f.impl, f.signature.tensor, f.signature.kind)
+            if same and within(f.case_class, g.case_class) and not within(g.case_class, f.case_class):
+                out[f.number] = g.number
+                break
+    return out
+
+
 def finding_from_record(rec: dict[str, Any]) -> Finding:
     fields = {k: rec[k] for k in Finding.__dataclass_fields__ if k in rec}
     return Finding(**{**fields, "signature": Signature(**rec["signature"]), "case": Case(**rec["case"]),
@@ -80,11 +93,14 @@ def _string(text: str) -> str:
 def found_toml(findings: list[Finding], label: str, torch_version: str, device: str) -> str:
     """The confirmed findings as a suite: ready to copy under cases/regressions/, each entry failing under
     `gqa-harness run --suite <file> --impl <its implementation>`."""
-    confirmed = [f for f in findings if f.confirmed]
+    within_other = subsumed(findings)
+    confirmed = [f for f in findings if f.confirmed and f.number not in within_other]
     lines = [f"# Written by `gqa-harness search` on {label} (torch {torch_version}): {len(confirmed)} confirmed "
              f"finding(s), each shrunk and re-run alone in a fresh process.",
-             "# Before committing one under cases/regressions/, cite its evidence in [suite] (see the README there).",
-             "", "[suite]",
+             "# Before committing one under cases/regressions/, cite its evidence in [suite] (see the README there)."]
+    lines += [f"# Finding {n} is left out: the same failure as finding {m}, whose class is wider."
+              for n, m in sorted(within_other.items())]
+    lines += ["", "[suite]",
              f"description = {_string(f'Findings of gqa-harness search on {label}')}",
              'tags = ["search"]', ""]
     for f in confirmed:

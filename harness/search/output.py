@@ -16,7 +16,7 @@ from tabulate import tabulate
 from ..reports.report import build_report, render_markdown
 from ..reports.store import clean_json, write_report
 from .engine import Limits, Tally
-from .findings import Finding, found_toml, repro_command
+from .findings import Finding, found_toml, repro_command, subsumed
 from .space import SearchSpace, class_text
 
 FOUND = "found.toml"
@@ -33,12 +33,14 @@ def search_section(tally: Tally, limits: Limits, space: SearchSpace, seed: int, 
         "replayed": tally.replayed, "replay_still_failing": tally.replay_still_failing,
         "replay_passing": tally.replay_passing, "interrupted": interrupted, "found_toml": FOUND,
         "findings": [f.to_record() for f in tally.findings],
-        "confirmed": sum(f.confirmed for f in tally.findings),
+        "confirmed": sum(f.confirmed for f in tally.findings), "within_another": subsumed(tally.findings),
     }
 
 
-def _row(f: Finding) -> list[Any]:
+def _row(f: Finding, within_other: dict[int, int]) -> list[Any]:
     alone = f"{f.confirm_status} ({'confirmed' if f.confirmed else 'NOT reproduced alone'})"
+    if f.number in within_other:
+        alone += f"; the failure of #{within_other[f.number]}, whose class is wider"
     shrink = f"{f.shrink_evaluations} runs, {f.shrink_s:.0f} s" + ("" if f.shrink_complete else ", budget reached")
     found = ("database replay" if f.replayed else f"{f.found_after_examples} examples, {f.found_after_s:.0f} s")
     return [f.number, f.impl, str(f.signature), class_text(f.case_class), f.case.id, f.start.id, found, shrink, alone]
@@ -47,8 +49,9 @@ def _row(f: Finding) -> list[Any]:
 def findings_lines(section: dict[str, Any], device: str, findings: list[Finding]) -> list[str]:
     s = section
     rate = f"{s['examples_per_minute']:.1f}" if s["examples_per_minute"] is not None else "—"
-    head = (f"## Findings: {len(findings)} distinct ({s['confirmed']} confirmed alone in a fresh process)"
-            if findings else "## Findings: none")
+    within_other = subsumed(findings)
+    head = (f"## Findings: {len(findings) - len(within_other)} distinct ({s['confirmed']} of {len(findings)} "
+            f"confirmed alone in a fresh process)" if findings else "## Findings: none")
     limit = f", at most {s['max_examples']} examples" if s["max_examples"] else ""
     lines = [head, "",
              f"Search: {s['examples']} examples in {s['elapsed_s']:.0f} s ({rate} per minute), {s['rounds']} rounds, "
@@ -59,7 +62,7 @@ def findings_lines(section: dict[str, Any], device: str, findings: list[Finding]
         lines += ["", f"Replayed first from the example database: {s['replayed']} earlier failure(s), "
                       f"{s['replay_still_failing']} still failing, {s['replay_passing']} passing now (dropped)."]
     if findings:
-        lines += ["", tabulate([_row(f) for f in findings], tablefmt="github",
+        lines += ["", tabulate([_row(f, within_other) for f in findings], tablefmt="github",
                                headers=["#", "implementation", "failure", "class", "shrunk case", "first met as",
                                         "found after", "shrink", "alone, fresh process"]),
                   "", f"Each confirmed finding is an entry of `{FOUND}` (suite format, for cases/regressions/); "

@@ -60,10 +60,9 @@ class ExampleStore:
     def save_pending(self, value: bytes) -> None:
         self.db.save(self.pending_key, value)
 
-    def settle(self, old: tuple[bytes | None, ...], new: bytes | None) -> None:
-        """A finding is shrunk: the examples it started from leave, its shrunk one joins the corpus."""
-        for value in old:
-            self.drop(value)
+    def settle(self, old: bytes | None, new: bytes | None) -> None:
+        """A finding is shrunk: the database example it came back from leaves, its shrunk one joins the corpus."""
+        self.drop(old)
         if new is not None:
             self.db.save(self.key, new)
 
