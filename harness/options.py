@@ -164,6 +164,9 @@ def _search_parser(sub) -> None:
     s.add_argument("--max-findings", type=int, default=None, metavar="N", help="stop after N findings")
     s.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="longest q/kv length drawn (default 512)")
+    s.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest batch drawn (default 4)")
+    s.add_argument("--max-kv-heads", type=int, default=None, metavar="N",
+                   help="most kv heads drawn (default 4; query heads are a group of up to 16 per kv head)")
     s.add_argument("--shrink-budget", type=float, default=120.0, metavar="SECONDS",
                    help="wall time for shrinking one failure (default 120)")
     s.add_argument("--profile", default="dev", help="dev, ci or nightly: the fp64 memory bound per case (16 MiB, "

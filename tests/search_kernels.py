@@ -19,7 +19,7 @@ from tests.wrong_kernels import _group, _GroupExpand, _math
 
 WIDE_WINDOW = 32  # keys: the suites' widest sliding window (edge, kv_len 128); the generated space reaches 128
 SMALL_SCALE = 0.06  # models use 1/12 = 0.083; the generated space draws 0.05
-SHARED_MASK_KEYS = 100  # a 1x1xLqxLk bool mask on a batch of one leaves keys from here on unmasked
+SHARED_MASK_KEYS = 64  # a 1x1xLqxLk bool mask on a batch of one leaves keys from here on unmasked
 LARGE_RAW_LOGIT = 2048.0  # |q.k| before the scale where fp16 spacing reaches 2
 LARGE_GROUP = 6  # the suites' per-head masks come with groups of 4
 
@@ -83,7 +83,8 @@ def small_scale_clamped(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 def shared_mask_tail_unmasked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False):
     """Wrong only for a bool mask of shape 1x1xLqxLk (broadcast over batch and heads) on a batch of one with
-    more than 100 keys: keys from index 100 on are never masked. Fails where such keys were masked."""
+    more than 64 keys: keys from index 64 on are never masked. Fails where such keys were masked. (The
+    suites' 1x1 masks, bottom-right causal ones, all come with a batch of two or more.)"""
     shared = (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
               and attn_mask.shape[:2] == (1, 1) and query.shape[0] == 1 and key.shape[-2] > SHARED_MASK_KEYS)
     if shared:
@@ -204,3 +205,21 @@ CORNERS: dict[str, Callable[[Case], bool]] = {
     "per_head_mask_truncated_group_sum": lambda c: c.mask_per_head and c.group_size >= LARGE_GROUP,
     "noncontig_q_wide_head_drops_last_key": lambda c: c.layout == "blhd" and c.head_dim > 64,
 }
+
+
+# --- where a search finds them ---------------------------------------------------------------
+
+# Two small spaces (batch 1, one kv head, the ci profile's 8 MiB bound) that still reach every corner:
+# lengths up to 65 (kv_len 65 is 1 mod 64 and reaches a shared mask's unmasked tail), and up to 160
+# for the window wider than 32 keys (kv_len >= 132; bf16 only: that corner is not about the dtype).
+# Budgets are example counts with a fixed seed, so what is found does not depend on the machine's speed.
+SMALL_SPACE = ("--max-batch", "1", "--max-kv-heads", "1", "--profile", "ci")
+SEARCHES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # group -> (kernels, search options)
+    "short": (("small_scale_clamped", "shared_mask_tail_unmasked", "noncontig_v_tail_dropped",
+               "decode_prime_kv_drops_last_key", "value_channels_beyond_d_zeroed", "fp16_large_logits_rounded",
+               "per_head_mask_truncated_group_sum", "noncontig_q_wide_head_drops_last_key"),
+              (*SMALL_SPACE, "--max-tokens", "65")),
+    "long": (("wide_window_off_by_one",), (*SMALL_SPACE, "--max-tokens", "160", "--dtype", "bf16")),
+}
+SEARCH_EXAMPLES = 150  # per group: every kernel of it is found within this many examples from seed 0
+SEARCH_SEED = 0

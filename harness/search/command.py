@@ -21,7 +21,7 @@ from ..reports.store import open_stream, read_stream, stream_path
 from ..run.session import Session
 from .engine import Limits, Search, prior_from_records
 from .output import FOUND, search_section, write_search_report
-from .space import MAX_TOKENS, SearchError, SearchSpace, parse_dtypes
+from .space import SearchError, SearchSpace, parse_dtypes
 from .store import ExampleStore
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
@@ -54,8 +54,9 @@ def options_from_args(args: Any, command: str) -> SearchOptions:
         raise SearchError(f"--seed {args.seed} must be a non-negative integer")
     if args.timeout is not None and not args.timeout > 0:
         raise SearchError(f"--timeout {args.timeout:g} must be a positive number of seconds")
-    space = SearchSpace(dtypes=parse_dtypes(args.dtype), profile=args.profile,
-                        max_tokens=args.max_tokens if args.max_tokens is not None else MAX_TOKENS)
+    sizes = {name: value for name in ("max_tokens", "max_batch", "max_kv_heads")
+             if (value := getattr(args, name)) is not None}
+    space = SearchSpace(dtypes=parse_dtypes(args.dtype), profile=args.profile, **sizes)
     limits = Limits(budget=args.budget, max_examples=args.max_examples, max_findings=args.max_findings,
                     shrink_budget=args.shrink_budget, timeout=args.timeout)
     return SearchOptions(space=space, limits=limits, device=args.device, impls=tuple(args.impl), seed=args.seed,

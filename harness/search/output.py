@@ -29,7 +29,8 @@ def search_section(tally: Tally, limits: Limits, space: SearchSpace, seed: int, 
         "examples_per_minute": round(60 * tally.examples / elapsed, 2) if elapsed > 0 else None,
         "budget_s": limits.budget, "max_examples": limits.max_examples, "shrink_budget_s": limits.shrink_budget,
         "max_findings": limits.max_findings, "seed": seed, "profile": space.profile, "memory_bytes": space.memory,
-        "dtypes": list(space.dtypes), "max_tokens": space.max_tokens,
+        "dtypes": list(space.dtypes), "max_tokens": space.max_tokens, "max_batch": space.max_batch,
+        "max_kv_heads": space.max_kv_heads,
         "replayed": tally.replayed, "replay_still_failing": tally.replay_still_failing,
         "replay_passing": tally.replay_passing, "interrupted": interrupted, "found_toml": FOUND,
         "findings": [f.to_record() for f in tally.findings],
@@ -56,7 +57,8 @@ def findings_lines(section: dict[str, Any], device: str, findings: list[Finding]
     lines = [head, "",
              f"Search: {s['examples']} examples in {s['elapsed_s']:.0f} s ({rate} per minute), {s['rounds']} rounds, "
              f"seed {s['seed']}, profile {s['profile']} ({s['memory_bytes'] >> 20} MiB fp64 per case), dtypes "
-             f"{', '.join(s['dtypes'])}, lengths up to {s['max_tokens']}; budget {s['budget_s']:g} s{limit}"
+             f"{', '.join(s['dtypes'])}, lengths up to {s['max_tokens']}, batch up to {s['max_batch']}, kv heads up to "
+             f"{s['max_kv_heads']}; budget {s['budget_s']:g} s{limit}"
              + ("; INTERRUPTED" if s["interrupted"] else "") + "."]
     if s["replayed"]:
         lines += ["", f"Replayed first from the example database: {s['replayed']} earlier failure(s), "

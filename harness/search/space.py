@@ -1,7 +1,8 @@
 """What a search draws from: the generated-case space, its key in the example database, and case classes.
 
 The space is `harness.core.generate.cases` with the dtypes asked for, lengths up to --max-tokens
-(default 512) and the fp64 memory bound of a profile (dev 16 MiB, ci 8 MiB, nightly 256 MiB per case). A case's *class* is what makes it
+(default 512), batch and kv heads up to --max-batch and --max-kv-heads (default 4 each), and the fp64
+memory bound of a profile (dev 16 MiB, ci 8 MiB, nightly 256 MiB per case). A case's *class* is what makes it
 other than the plainest case of the space: its mask, causal alignment, layout, value
 distribution, an explicit scale, a value head dim, a dtype other than the first one searched.
 Hypothesis shrinks towards the plainest case, so the class of a shrunk failure is what the
@@ -20,7 +21,7 @@ from ..core.case import DTYPES, Case
 from ..core.generate import BUDGETS, cases
 
 PROFILES = tuple(BUDGETS)  # dev, ci, nightly: the memory bound per case
-MAX_TOKENS = 512  # cases()'s own default longest length
+MAX_TOKENS, MAX_BATCH, MAX_KV_HEADS = 512, 4, 4  # cases()'s own defaults
 
 # Field -> its plainest value; a case's class lists the fields that differ (value-less ones by presence only).
 PLAIN = {"causal": "none", "mask": "none", "mask_fill": "-inf", "mask_per_head": False, "layout": "bhld",
@@ -39,6 +40,8 @@ class SearchSpace:
     dtypes: tuple[str, ...] = ("bf16", "fp16")
     profile: str = "dev"
     max_tokens: int = MAX_TOKENS  # longest q/kv length drawn
+    max_batch: int = MAX_BATCH
+    max_kv_heads: int = MAX_KV_HEADS  # query heads are kv heads x a group of up to 16
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -46,21 +49,24 @@ class SearchSpace:
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
             raise SearchError(f"--dtype {','.join(self.dtypes) or '(empty)'}: each must be one of {', '.join(DTYPES)}")
-        if self.max_tokens < 1:
-            raise SearchError(f"--max-tokens {self.max_tokens} must be at least 1")
+        for option, value in (("--max-tokens", self.max_tokens), ("--max-batch", self.max_batch),
+                              ("--max-kv-heads", self.max_kv_heads)):
+            if value < 1:
+                raise SearchError(f"{option} {value} must be at least 1")
 
     @property
     def memory(self) -> int:
         return BUDGETS[self.profile]
 
     def strategy(self) -> st.SearchStrategy[Case]:
-        return cases(memory=self.memory, dtypes=self.dtypes, max_len=self.max_tokens)
+        return cases(memory=self.memory, dtypes=self.dtypes, max_len=self.max_tokens, max_batch=self.max_batch,
+                     max_kv_heads=self.max_kv_heads)
 
     def key(self, label: str, impls: list[str]) -> bytes:
         """The example-database key of this space on this device for these implementations: the stored
         examples are Hypothesis choice sequences of this strategy, meaningless for another."""
-        text = "|".join(("gqa-harness-search-1", label, ",".join(self.dtypes), self.profile, str(self.max_tokens),
-                         ",".join(sorted(impls))))
+        sizes = f"{self.max_tokens}/{self.max_batch}/{self.max_kv_heads}"
+        text = "|".join(("gqa-harness-search-1", label, ",".join(self.dtypes), self.profile, sizes, ",".join(sorted(impls))))
         return b"gqa-search." + hashlib.sha256(text.encode()).hexdigest()[:24].encode()
 
     def case_class(self, case: Case) -> CaseClass:
