@@ -94,7 +94,31 @@ def test_a_failure_at_a_level_without_a_ceiling_stays_a_failure(tmp_path):
     assert verdict.status is Status.FAIL
 
 
+def _gross_failure():
+    result = judge(replace(CASE, mask="fully-masked-rows", q_heads=2, q_len=32, kv_len=32), wrong_kernels.nan_on_masked_rows)
+    return next(v for v in result.tensors.values() if v.status is Status.FAIL and v.severity == "gross")
+
+
+def test_a_gross_failure_is_absorbed_only_by_an_entry_that_says_gross(tmp_path):
+    failure = _gross_failure()
+    where = Where("k", "cpu", "cpu-x86_64", {"torch": "2.13.0"})
+    plain = ENTRY.format(torch="*", ceiling=1e30).replace('case = "*"', 'case = "b1-*"').replace(
+        '["dk", "dv"]', '["out", "dq", "dk", "dv"]')
+    (entry,) = load_known(_toml(tmp_path, plain))
+    assert apply_known(failure, [entry], CASE.id, 1, where).status is Status.FAIL  # no ceiling hides NaN
+    (gross,) = load_known(_toml(tmp_path, plain + "gross = true\n"))
+    assert apply_known(failure, [gross], CASE.id, 1, where).status is Status.KNOWN
+    contract = replace(failure, rule="contract")  # a wrong shape or dtype is never a known numeric bug
+    assert apply_known(contract, [gross], CASE.id, 1, where).status is Status.FAIL
+
+
 @pytest.mark.parametrize("body, fragment", [
+    (ENTRY.format(torch="*", ceiling=1.0) + "gross = true\n", "needs a case pattern"),
+    (ENTRY.format(torch="*", ceiling=1.0).replace('case = "*"', 'case = "b1-*"').replace(
+        'cite = "reports/findings/cpu-flash-gqa-dkdv-group-sum"', 'cite = "https://example.org/1"')
+     + "gross = true\n", "citation holding the repro"),
+    (ENTRY.format(torch="*", ceiling=1.0) + "gross = 'yes'\n", "true or false"),
+
     (ENTRY.format(torch="~2.13", ceiling=1.0).replace('torch = "~2.13"', 'torch = ">=2.x"'), "not a comparison"),
     (ENTRY.format(torch="*", ceiling="{ dk = 1.0 }"), "no ceiling for dv"),
     (ENTRY.format(torch="*", ceiling="{ dk = 1.0, dv = 1.0, dq = 1.0 }"), "dq"),

@@ -19,10 +19,15 @@
     differential = {group-trend = 0.6}  # optional ceilings on differential rules (core/differential.py)
     evidence = "why this is a real backend bug, with the figures"
     cite = ["https://github.com/pytorch/pytorch/issues/NNN", "reports/findings/<dir>"]   # required: at least one
+    gross = true                 # optional: also absorbs this entry's gross failures (see below)
 
 A FAIL beyond any ceiling stays FAIL, and so does a failure at a level the entry has no
 ceiling for (a known entry never hides a new or worse failure); a gross failure (NaN, O(1)
-error) is never absorbed. An entry that matched results in a run but absorbed no failure is
+error) is absorbed only by an entry that says `gross = true`. Such an entry is for a bug already
+reproduced and filed (a GPU runner's CI stays green on it until the vendor fixes it, and the ledger
+then says FIXED): it must name its cases (not `case = "*"`) and cite a reports/findings/ directory
+holding the repro. It absorbs a gross failure at the error levels and the non-finite rule only,
+never a contract, crash or guard failure. An entry that matched results in a run but absorbed no failure is
 FIXED: the run says so, and `gqa-harness known` lists entries no recent report has matched.
 Every entry cites its evidence (`cite`): an upstream link (http/https) or a reports/findings/
 directory of this repository, which must exist; the loader refuses an entry that cites neither.
@@ -47,7 +52,8 @@ VERSION_KEYS = ("torch", "cuda", "hip", "cudnn", "rocm_fa_library", "rocm", "aot
                 "flash_attn", "xformers", "triton", "hip_runtime", "miopen", "cuda_runtime", "nvidia_driver")
 _KEYS = {"id", "case", "impl", "min_group_size", "tensors", "device", *VERSION_KEYS, "max_ratio",
          "ratio_per_sqrt_group", "max_slice_ratio", "max_row_ratio", "evidence", "cite",
-         "differential"}
+         "differential", "gross"}
+GROSS_RULES = ("tensor", "slice", "row", "nonfinite")  # what a `gross = true` entry may absorb
 _LINK = re.compile(r"^https?://\S+$")
 FINDINGS = "reports/findings/"
 _RANGE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
@@ -138,6 +144,7 @@ class KnownFailure:
     nvidia_driver: str = "*"
     cite: tuple[str, ...] = ()  # upstream links and reports/findings/ directories
     differential: dict[str, float] = field(default_factory=dict, hash=False)  # differential rule -> ceiling (differential.py)
+    gross: bool = False  # also absorbs gross failures (NaN, O(1)) of what it matches: a filed, reproduced bug
 
     def matches(self, case_id: str, impl: str, tensor: str, device_label: str, versions: dict[str, str | None],
                 group_size: int = 1) -> bool:
@@ -158,8 +165,10 @@ class KnownFailure:
 
     def absorbs(self, rule: str, severity: str, level_ratios: dict[str, float], tensor: str, group_size: int) -> bool:
         """Whether a failure at `rule` with these worst ratios per level is under every ceiling this entry
-        has; a gross failure, or one at a level without a ceiling, never is."""
-        if severity == "gross" or rule not in ("tensor", "slice", "row"):
+        has; a gross failure only by a `gross = true` entry, and one at a level without a ceiling never is."""
+        if severity == "gross":
+            return self.gross and rule in GROSS_RULES
+        if rule not in ("tensor", "slice", "row") or not level_ratios:
             return False
         ceilings = self.ceilings(group_size, tensor)
         if rule not in ceilings:
@@ -247,8 +256,21 @@ def parse_entry(entry: dict[str, Any], where: str, roots: tuple[Path, ...] = ())
         max_slice_ratio=_ceiling(entry, "max_slice_ratio", tensors, where),
         max_row_ratio=_ceiling(entry, "max_row_ratio", tensors, where),
         min_group_size=int(entry.get("min_group_size", 1)), cite=_citations(entry, where, roots), **versions,
-        differential=_differential(entry.get("differential", {}), where),
+        differential=_differential(entry.get("differential", {}), where), gross=_gross(entry, where),
     )
+
+
+def _gross(entry: dict[str, Any], where: str) -> bool:
+    """`gross = true` hides NaN and O(1) errors, so it must be narrow and point at a reproduced finding."""
+    gross = entry.get("gross", False)
+    if not isinstance(gross, bool):
+        raise KnownFailuresError(f"{where}: gross must be true or false, got {gross!r}")
+    if gross and entry["case"].strip("*") == "":
+        raise KnownFailuresError(f"{where}: gross = true needs a case pattern naming its cases, not {entry['case']!r}")
+    cites = entry.get("cite", [])
+    if gross and not any(str(c).startswith(FINDINGS) for c in ([cites] if isinstance(cites, str) else cites)):
+        raise KnownFailuresError(f"{where}: gross = true needs a {FINDINGS}<dir> citation holding the repro")
+    return gross
 
 
 def _differential(raw: Any, where: str) -> dict[str, float]:
