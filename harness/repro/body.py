@@ -58,6 +58,8 @@ def ratio_at(result: ImplResult, tensor: str, level: str | None = None) -> tuple
     v = result.tensors.get(tensor)
     if v is None or v.metrics is None:
         return None, result.error or (v.reason if v else "")
+    if v.rule == "nonfinite":  # NaN/Inf: no error-to-scale ratio means anything (the summary would say 0)
+        return None, "nonfinite"
     level = level or (v.rule if v.rule in LEVELS else "tensor")
     return v.metrics.summary(level)["ratio"], level
 
@@ -71,7 +73,9 @@ def title(facts: DeviceFacts, impl: str, case: Case, sig: Signature, result: Imp
     ratio, _ = ratio_at(result, sig.tensor)
     found = backend_of(impl)
     what = impl if found is None else (found[0] or "default SDPA") + (" (K/V expanded)" if found and found[1] else "")
-    how = f"{ratio:.2g}× beyond a correct {case.dtype} kernel" if ratio is not None else sig.kind
+    v = result.tensors.get(sig.tensor)
+    how = (f"{ratio:.2g}× beyond a correct {case.dtype} kernel" if ratio is not None
+           else "NaN/Inf where the fp64 reference is finite" if v is not None and v.rule == "nonfinite" else sig.kind)
     return (f"[{tag(facts, impl)}][SDPA] {what}: {TENSOR_LABEL.get(sig.tensor, sig.tensor)} {how} "
             f"({'GQA ' if case.q_heads != case.kv_heads else ''}{shape(case)})")
 

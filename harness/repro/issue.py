@@ -67,7 +67,8 @@ def _collect_env() -> str:
 def _cell(result: ImplResult, tensor: str, level: str) -> tuple[str, str]:
     ratio, _ = ratio_at(result, tensor, level)
     v = result.tensors.get(tensor)
-    return (str(v.status) if v else str(result.status)), ("—" if ratio is None else f"{ratio:.3g}×")
+    shown = "NaN/Inf" if ratio is None and v is not None and v.rule == "nonfinite" else "—"
+    return (str(v.status) if v else str(result.status)), (shown if ratio is None else f"{ratio:.3g}×")
 
 
 def triage(case: Case, impl: Implementation, runner: CaseRunner, tensor: str, level: str,
