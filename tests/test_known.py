@@ -102,7 +102,7 @@ def _gross_failure():
 def test_a_gross_failure_is_absorbed_only_by_an_entry_that_says_gross(tmp_path):
     failure = _gross_failure()
     where = Where("k", "cpu", "cpu-x86_64", {"torch": "2.13.0"})
-    plain = ENTRY.format(torch="*", ceiling=1e30).replace('case = "*"', 'case = "b1-*"').replace(
+    plain = ENTRY.format(torch="*", ceiling=1e30).replace('case = "*"', 'case = ["b9-*", "b1-*"]').replace(
         '["dk", "dv"]', '["out", "dq", "dk", "dv"]')
     (entry,) = load_known(_toml(tmp_path, plain))
     assert apply_known(failure, [entry], CASE.id, 1, where).status is Status.FAIL  # no ceiling hides NaN
@@ -113,11 +113,12 @@ def test_a_gross_failure_is_absorbed_only_by_an_entry_that_says_gross(tmp_path):
 
 
 @pytest.mark.parametrize("body, fragment", [
-    (ENTRY.format(torch="*", ceiling=1.0) + "gross = true\n", "needs a case pattern"),
+    (ENTRY.format(torch="*", ceiling=1.0) + "gross = true\n", "needs case patterns naming its cases"),
     (ENTRY.format(torch="*", ceiling=1.0).replace('case = "*"', 'case = "b1-*"').replace(
         'cite = "reports/findings/cpu-flash-gqa-dkdv-group-sum"', 'cite = "https://example.org/1"')
      + "gross = true\n", "citation holding the repro"),
     (ENTRY.format(torch="*", ceiling=1.0) + "gross = 'yes'\n", "true or false"),
+    (ENTRY.format(torch="*", ceiling=1.0).replace('case = "*"', 'case = []'), "a list of patterns"),
 
     (ENTRY.format(torch="~2.13", ceiling=1.0).replace('torch = "~2.13"', 'torch = ">=2.x"'), "not a comparison"),
     (ENTRY.format(torch="*", ceiling="{ dk = 1.0 }"), "no ceiling for dv"),

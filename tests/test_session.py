@@ -48,7 +48,7 @@ def test_a_case_too_big_for_host_memory_is_unsupported_with_the_estimate(monkeyp
 
 
 def test_known_failures_come_from_the_session_and_without_known_turns_them_off():
-    entry = KnownFailure(id="group-sum", case="*", impl=("*",), tensors=("dk", "dv"), device="*", torch="*",
+    entry = KnownFailure(id="group-sum", case=("*",), impl=("*",), tensors=("dk", "dv"), device="*", torch="*",
                          max_ratio=1000.0, evidence="test")
     session = Session.open(facts=CPU, known=[entry])
     impl = implementation_from_callable(wrong_kernels.bf16_group_sum, "bf16_group_sum")

@@ -2,7 +2,7 @@
 
     [[known]]
     id = "cpu-flash-gqa-dkdv"    # short name, shown in reports
-    case = "*-h*x*-*"            # fnmatch pattern on the case id
+    case = "*-h*x*-*"            # fnmatch pattern on the case id, or a list of them (any matches)
     impl = ["sdpa-flash"]        # fnmatch pattern(s) on the implementation name
     tensors = ["dk", "dv"]
     min_group_size = 8           # only cases with at least this group size
@@ -117,7 +117,7 @@ def version_matches(spec: str, version: str | None) -> bool:
 @dataclass(frozen=True)
 class KnownFailure:
     id: str
-    case: str
+    case: tuple[str, ...]  # fnmatch patterns on the case id; any matches
     impl: tuple[str, ...]
     tensors: tuple[str, ...]
     device: str
@@ -149,7 +149,7 @@ class KnownFailure:
     def matches(self, case_id: str, impl: str, tensor: str, device_label: str, versions: dict[str, str | None],
                 group_size: int = 1) -> bool:
         """`versions`: the environment's values of VERSION_KEYS (run.env.environment_versions)."""
-        return (group_size >= self.min_group_size and fnmatch.fnmatchcase(case_id, self.case)
+        return (group_size >= self.min_group_size and any(fnmatch.fnmatchcase(case_id, p) for p in self.case)
                 and any(fnmatch.fnmatchcase(impl, p) for p in self.impl)
                 and tensor in self.tensors and fnmatch.fnmatchcase(device_label, self.device)
                 and all(version_matches(getattr(self, k), versions.get(k)) for k in VERSION_KEYS))
@@ -249,7 +249,7 @@ def parse_entry(entry: dict[str, Any], where: str, roots: tuple[Path, ...] = ())
         if problem:
             raise KnownFailuresError(f"{where}: {key} = {spec!r}: {problem}")
     return KnownFailure(
-        id=str(entry["id"]), case=entry["case"],
+        id=str(entry["id"]), case=_patterns(entry["case"], "case", where),
         impl=tuple(entry["impl"]) if isinstance(entry["impl"], list) else (entry["impl"],), tensors=tensors,
         device=entry.get("device", "*"), max_ratio=_ceiling(entry, "max_ratio", tensors, where), evidence=entry["evidence"],
         ratio_per_sqrt_group=bool(entry.get("ratio_per_sqrt_group", False)),
@@ -260,13 +260,20 @@ def parse_entry(entry: dict[str, Any], where: str, roots: tuple[Path, ...] = ())
     )
 
 
+def _patterns(raw: Any, key: str, where: str) -> tuple[str, ...]:
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise KnownFailuresError(f"{where}: {key} must be a pattern or a list of patterns, got {raw!r}")
+    return tuple(values)
+
+
 def _gross(entry: dict[str, Any], where: str) -> bool:
     """`gross = true` hides NaN and O(1) errors, so it must be narrow and point at a reproduced finding."""
     gross = entry.get("gross", False)
     if not isinstance(gross, bool):
         raise KnownFailuresError(f"{where}: gross must be true or false, got {gross!r}")
-    if gross and entry["case"].strip("*") == "":
-        raise KnownFailuresError(f"{where}: gross = true needs a case pattern naming its cases, not {entry['case']!r}")
+    if gross and any(p.strip("*") == "" for p in _patterns(entry["case"], "case", where)):
+        raise KnownFailuresError(f"{where}: gross = true needs case patterns naming its cases, not {entry['case']!r}")
     cites = entry.get("cite", [])
     if gross and not any(str(c).startswith(FINDINGS) for c in ([cites] if isinstance(cites, str) else cites)):
         raise KnownFailuresError(f"{where}: gross = true needs a {FINDINGS}<dir> citation holding the repro")
