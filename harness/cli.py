@@ -97,7 +97,8 @@ def cmd_run(args) -> int:
     if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}")
     suites = args.suite or ([] if args.case else ["smoke"])
-    chosen, shard = shard_selection(select_cases(suites, args.case, args.dtype, args.max_tokens), args.shard,
+    chosen, shard = shard_selection(select_cases(suites, args.case, args.dtype, args.max_tokens, guard=args.guard),
+                                    args.shard,
                                     args.shard_by_time)
     cases = [sc.case for sc in chosen]
     if not cases and shard is None:  # a shard may get no case of a small selection: its report says so

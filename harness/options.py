@@ -21,6 +21,9 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dtype", dict(default=None, help="comma list of dtypes to keep, e.g. bf16,fp16")),
     ("max-tokens", dict(type=int, default=None,
                         help="cap q/kv lengths at N (ratio and head geometry kept), e.g. models on a CPU")),
+    ("guard", dict(default=None, choices=("none", "nan", "sentinel"),
+                   help="guard bands around every input on the device (out-of-bounds reads and writes): nan or "
+                        "sentinel; none switches them off (default: as each suite says; edge uses nan)")),
     ("out", dict(default="gqa-report", help="report directory (default: gqa-report)")),
     ("strict", dict(action="store_true", help="KNOWN failures fail too")),
     ("in-process", dict(action="store_true",

@@ -240,7 +240,8 @@ def make_items(session: pytest.Session, state: RunState) -> list[GqaItem]:
     try:
         chosen, state.shard = shard_selection(
             select_cases(config.getoption("gqa_suite"), config.getoption("gqa_case"), config.getoption("gqa_dtype"),
-                         config.getoption("gqa_max_tokens")), config.getoption("gqa_shard"),
+                         config.getoption("gqa_max_tokens"), guard=config.getoption("gqa_guard")),
+            config.getoption("gqa_shard"),
             config.getoption("gqa_shard_by_time"))
         state.sources = case_sources(chosen)
         state.setup(config.getoption("gqa_device"), config.getoption("gqa_impl"))

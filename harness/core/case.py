@@ -23,6 +23,11 @@ MASK_FILLS = ("-inf", "-65504", "finfo.min")
 # Layouts are applied on the device, after the copy (a .to() would undo them).
 LAYOUTS = ("bhld", "blhd", "v-noncontig", "kv-expanded", "grad-out-noncontig")
 VALUES = ("normal", "uniform", "large-logits", "negative-lse", "outlier-channels")
+# Guard bands around q, k, v, grad_out and the mask on the device (run/guards.py): "nan" fills them with
+# NaN, "sentinel" with a large finite value for kernels that would turn a NaN read into a crash.
+GUARDS = ("none", "nan", "sentinel")
+# The sentinel: large, finite and exact in every dtype; a result moved by SENTINEL/64 or more read it.
+SENTINEL = 16384.0
 
 _CAUSAL_TAG = {"none": "", "top-left": "causal", "bottom-right": "causal-br"}
 
@@ -50,6 +55,7 @@ class Case:
     values: str = "normal"
     seed: int = 0
     grads: bool = True
+    guard: str = "none"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -110,6 +116,7 @@ def validate(case: Case) -> None:
     _choice(case, "mask_fill", MASK_FILLS)
     _choice(case, "layout", LAYOUTS)
     _choice(case, "values", VALUES)
+    _choice(case, "guard", GUARDS)
     if not isinstance(case.seed, int) or isinstance(case.seed, bool) or case.seed < 0:
         raise CaseError(f"seed={case.seed!r} must be a non-negative integer")
     if case.scale is not None and (isinstance(case.scale, bool) or not isinstance(case.scale, (int, float))
@@ -163,6 +170,8 @@ def case_id(case: Case) -> str:
         parts.append(case.values)
     if not case.grads:
         parts.append("fwd")
+    if case.guard != "none":
+        parts.append(f"guard-{case.guard}")
     parts.append(f"s{case.seed}")
     return "-".join(p for p in parts if p)
 

@@ -70,9 +70,10 @@ def lengths(max_len: int) -> st.SearchStrategy[int]:
 @st.composite
 def cases(draw, *, memory: int | None = None, dtypes: tuple[str, ...] = ("bf16", "fp16"), max_len: int = 512,
           max_batch: int = 4, max_kv_heads: int = 4, head_dims: tuple[int, ...] = HEAD_DIMS, masks: bool = True,
-          layouts: bool = True, values: bool = True, scales: bool = True) -> Case:
+          layouts: bool = True, values: bool = True, scales: bool = True, guard: str = "nan") -> Case:
     """A valid Case within `memory` bytes (default: the active profile's budget).
-    Switch off masks/layouts/values/scales to search a plainer space."""
+    Switch off masks/layouts/values/scales to search a plainer space. `guard`: generated cases run inside
+    NaN guard bands by default (run/guards.py), so an out-of-bounds read or write is caught where found."""
     memory = memory or budget()
     kv_heads = draw(st.integers(1, max_kv_heads))
     group = draw(st.sampled_from(GROUPS))
@@ -87,7 +88,8 @@ def cases(draw, *, memory: int | None = None, dtypes: tuple[str, ...] = ("bf16",
     kv_len = draw(lengths(limit)) if draw(st.booleans()) else q_len
     fields: dict[str, Any] = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
                                   head_dim=head_dim, v_head_dim=v_head_dim, dtype=draw(st.sampled_from(dtypes)),
-                                  causal=draw(st.sampled_from(CAUSAL)), seed=draw(st.integers(0, 1 << 16)))
+                                  causal=draw(st.sampled_from(CAUSAL)), seed=draw(st.integers(0, 1 << 16)),
+                                  guard=guard)
     if masks:
         allowed = [m for m in MASKS if m != "padding" or batch >= 2]
         mask = draw(st.sampled_from(allowed))

@@ -153,7 +153,7 @@ def _blhd_view(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _wants_blhd(case: Case, role: str) -> bool:
+def wants_blhd(case: Case, role: str) -> bool:
     return (
         (case.layout == "blhd" and role in ("q", "k", "v"))
         or (case.layout == "v-noncontig" and role == "v")
@@ -165,7 +165,7 @@ def expected_strides(case: Case, role: str, shape: tuple[int, ...]) -> tuple[int
     b, h, l, d = shape
     if case.layout == "kv-expanded" and role in ("k", "v"):
         return (l * d, 0, d, 1)
-    if _wants_blhd(case, role):
+    if wants_blhd(case, role):
         return (l * h * d, d, h * d, 1)
     return (h * l * d, l * d, d, 1)
 
@@ -174,7 +174,7 @@ def apply_layout(case: Case, role: str, leaf: torch.Tensor) -> torch.Tensor:
     """Kernel-facing view of a device tensor; differentiable so grads reach the leaf."""
     if case.layout == "kv-expanded" and role in ("k", "v"):
         return leaf.expand(leaf.shape[0], case.q_heads, *leaf.shape[2:])
-    if _wants_blhd(case, role):
+    if wants_blhd(case, role):
         return _blhd_view(leaf)
     return leaf
 

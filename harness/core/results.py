@@ -87,3 +87,6 @@ class Outputs:
     notes: dict[str, Any] = field(default_factory=dict)
     strides: dict[str, list[int]] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)  # where the kernel returned each tensor
+    # Guarded cases (run/guards.py): mode, findings (oob-write, input-modified) and the unguarded call's
+    # tensors ("baseline") that verdict.py's oob-read rule compares against; empty without guards.
+    guard: dict[str, Any] = field(default_factory=dict)

@@ -5,6 +5,7 @@
     upstream = ["https://github.com/pytorch/pytorch/issues/196678"]   # regressions cite their bug
     signature = "NaN dQ on rows whose log-sum-exp < -88.7"             # ... and what it looks like
     tags = ["cuda", "cudnn"]         # added to every entry's tags
+    guard = "nan"                    # default guard bands for entries that do not set their own
 
     [[case]]
     name = "llama3-8b-prefill"       # optional label, shown in reports and as a pytest keyword
@@ -42,12 +43,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from .case import ALIASES, DTYPES, Case, CaseError, case_from_mapping, parse_case_spec
+from .case import ALIASES, DTYPES, GUARDS, Case, CaseError, case_from_mapping, parse_case_spec
 
 CASES_DIR = Path(__file__).resolve().parents[2] / "cases"
 ENTRY_KEYS = {"name", "tags", "notes"}
 FAMILY_AXES = {"group_sizes": "hq", "kv_lens": "lk"}  # a [[family]]'s varied axis -> the case field it sets
-SUITE_KEYS = {"description": str, "upstream": list, "signature": str, "tags": list, "notes": str}
+SUITE_KEYS = {"description": str, "upstream": list, "signature": str, "tags": list, "notes": str, "guard": str}
 NOT_SUITES = {"known-failures"}
 
 
@@ -236,6 +237,8 @@ def load_suite_text(text: str, source: str) -> list[SuiteCase]:
             entry = family_entry(entry, error)
         name, tags, notes = _check_entry_meta(entry, error)
         tags = tuple(dict.fromkeys((*meta.get("tags", ()), *tags)))
+        if "guard" in meta and "guard" not in entry:
+            entry = {**entry, "guard": meta["guard"]}
         for fields in _expand(entry, error):
             try:
                 case = case_from_mapping(fields)
@@ -288,10 +291,14 @@ def parse_dtypes(text: str | None) -> set[str] | None:
 
 
 def select_cases(suites: Iterable[str], specs: Iterable[str] = (), dtypes: str | None = None,
-                 max_tokens: int | None = None, cases_dir: Path | None = None) -> list[SuiteCase]:
-    """Inline cases first, then each suite's; filtered by dtype, capped, de-duplicated by id."""
+                 max_tokens: int | None = None, cases_dir: Path | None = None,
+                 guard: str | None = None) -> list[SuiteCase]:
+    """Inline cases first, then each suite's; filtered by dtype, capped, de-duplicated by id.
+    `guard` (--guard) sets every case's guard bands, over what the suite says."""
     if max_tokens is not None and max_tokens < 1:
         raise SuiteError(f"--max-tokens={max_tokens} must be a positive integer")
+    if guard is not None and guard not in GUARDS:
+        raise SuiteError(f"--guard {guard!r} is not one of {', '.join(GUARDS)}")
     chosen = [SuiteCase(parse_case_spec(spec), source="--case") for spec in specs]
     for name in suites:
         chosen += load_suite(name, cases_dir)
@@ -302,6 +309,7 @@ def select_cases(suites: Iterable[str], specs: Iterable[str] = (), dtypes: str |
         if keep is not None and sc.case.dtype not in keep:
             continue
         case = cap_lengths(sc.case, max_tokens) if max_tokens else sc.case
+        case = case.replace(guard=guard) if guard is not None else case
         if case.id in seen:
             continue
         seen.add(case.id)

@@ -3,6 +3,10 @@
 Rules, in order (the first that applies decides):
   0. the call  — a forward-only kernel: its gradients UNSUPPORTED; a backward that raised: ERROR.
   1. contract  — missing gradient, wrong shape, dtype or device: FAIL.
+  1b. guards   — guarded cases only (run/guards.py): an input changed by the call (input-modified) or a
+                 guard band written (oob-write) is a FAIL named after the input; an output that took up
+                 the guard's NaN or sentinel where the same call without guards did not, with the oracle
+                 finite, read out of bounds (oob-read, with the first index).
   2. range     — the oracle itself exceeds finfo.max / 2: OUT_OF_RANGE (no kernel can be judged).
   3. nonfinite — NaN/Inf where the oracle is finite, or finite where the oracle is not: FAIL (gross).
   4. levels    — error / scale beyond the level's factor at the tensor, slice or row level
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .case import SENTINEL
 from .inputs import TORCH_DTYPES, torch_dtype
 from .known import KnownFailure
 from .metrics import LEVELS, TensorMetrics, tensor_metrics
@@ -166,9 +171,74 @@ def judge(refs: References, outputs: Outputs, tol: Tolerances, known: tuple[Know
         if problem:
             verdicts[name] = TensorVerdict(name, Status.FAIL, "contract", problem, severity="gross", excess=math.inf)
             continue
+        oob = oob_read(name, outputs.tensors[name], truth, outputs.guard)
+        if oob is not None:
+            verdicts[name] = oob
+            continue
         m = tensor_metrics(name, outputs.tensors[name], truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name))
         verdicts[name] = apply_known(judge_metrics(m, case.dtype, tol), known, case.id, case.group_size, where)
+    return {**verdicts, **guard_verdicts(outputs.guard)}
+
+
+def guard_verdicts(guard: dict[str, Any]) -> dict[str, TensorVerdict]:
+    """Rule 1b's oob-write and input-modified, one verdict per finding, keyed by the input it concerns."""
+    verdicts: dict[str, TensorVerdict] = {}
+    for f in guard.get("findings", []):
+        name = f["tensor"]
+        if f["rule"] == "oob-write":
+            lo, hi = f["bytes"]
+            reason = (f"{name}: out-of-bounds write during {f['phase']}: {f['elements']} guard elements changed, "
+                      f"bytes {lo:+d} to {hi:+d} from {name}'s first element, the first {f['where']}")
+        else:
+            reason = (f"{name}: the call modified its input during {f['phase']}: {f['elements']} elements changed, "
+                      f"first at {name}{f['first_index']}")
+        key = name if name not in verdicts else f"{name} ({f['rule']})"
+        verdicts[key] = TensorVerdict(name, Status.FAIL, f["rule"], reason, severity="gross", excess=math.inf)
     return verdicts
+
+
+def oob_read(name: str, actual: torch.Tensor, truth: torch.Tensor, guard: dict[str, Any]) -> TensorVerdict | None:
+    """Rule 1b's oob-read: elements that took up the guard (NaN, or a sentinel-sized change) where the oracle
+    is finite and the same call without guards (the baseline, when it ran) did not."""
+    if not guard:
+        return None
+    a = actual.double()
+    base = guard.get("baseline", {}).get(name)
+    base = base.double() if isinstance(base, torch.Tensor) and base.shape == actual.shape else None
+    ref = base if base is not None else truth
+    if guard["mode"] == "nan":
+        bad = torch.isnan(a) & ~torch.isnan(ref)
+    else:
+        bad = (~torch.isfinite(a) & torch.isfinite(ref)) | ((a - ref).abs() >= SENTINEL / 64)
+    if truth.shape == actual.shape:  # a long case's oracle holds only its sampled rows: no finiteness per element
+        bad &= torch.isfinite(truth)
+    if not bool(bad.any()):
+        return None
+    first = bad.nonzero()[0].tolist()
+    rows = bad.any(-1)
+    took = "NaN" if guard["mode"] == "nan" else f"sentinel ({SENTINEL:g})"
+    against = "the same call without guards" if base is not None else "the oracle"
+    reason = (f"{name}: out-of-bounds read: {int(bad.sum())} elements took up the guard's {took} where {against} "
+              f"did not (oracle finite), first at {name}{first}, in {int(rows.sum())}/{rows.numel()} rows")
+    return TensorVerdict(name, Status.FAIL, "oob-read", reason, severity="gross", excess=math.inf,
+                         failing_heads=_heads(rows.any(-1)))
+
+
+def unsampled_dq(actual: torch.Tensor, sample: RowSample) -> TensorVerdict | None:
+    """Rule 1c (long cases): grad_out is zero on every row outside the sample, so dQ is exactly zero there."""
+    off = torch.ones(actual.shape[2], dtype=torch.bool)
+    off[sample.rows] = False
+    written = (actual != 0).any(-1)[:, :, off.to(actual.device)]  # NaN != 0 too
+    if not bool(written.any()):
+        return None
+    rows = off.nonzero().reshape(-1)
+    b, h, i = (int(x) for x in written.nonzero()[0])
+    row = int(rows[i])
+    value = actual[b, h, row][actual[b, h, row] != 0][0].item()
+    reason = (f"dq: non-zero on {int(written.any(0).any(0).sum())} of the {len(rows)} unsampled rows, where grad_out "
+              f"is zero so dQ must be exactly 0; first at dq[{b}, {h}, {row}] (a value {value:.5g})")
+    return TensorVerdict("dq", Status.FAIL, "unsampled-dq", reason, severity="gross", excess=math.inf,
+                         failing_heads=_heads(written.any(-1)))
 
 
 def apply_known(verdict: TensorVerdict, known, case_id: str, group_size: int, where: Where) -> TensorVerdict:

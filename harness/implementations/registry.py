@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import canary, compiled, flex, rocm, sdpa, thirdparty
+from . import canary, compiled, flex, rocm, sdpa, thirdparty, varlen
 from .base import DeviceFacts, Implementation, RegistryError, SdpaCall
 from .user import load_user_implementation
 
 
 def builtin_implementations() -> dict[str, Implementation]:
     impls = [*sdpa.implementations(), *compiled.implementations(), *flex.implementations(),
-             *rocm.implementations(), *thirdparty.implementations(), *canary.implementations()]
+             *rocm.implementations(), *thirdparty.implementations(), *varlen.implementations(),
+             *canary.implementations()]
     return {impl.name: impl for impl in impls}
 
 

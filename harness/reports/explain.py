@@ -71,10 +71,17 @@ def quoted(text: str) -> str:
     return f"'{text}'" if "'" not in text else shlex.quote(text)
 
 
+GUARD_RULES = {"oob-read": "an out-of-bounds read", "oob-write": "an out-of-bounds write",
+               "input-modified": "an input modified"}  # caught by guard bands (run/guards.py)
+
+
 def tensor_line(name: str, tensor: dict[str, Any]) -> str:
     severity = f" {tensor['severity']}" if tensor.get("severity") else ""
     heads = heads_text(tensor.get("failing_heads") or [], name, slice_shape(tensor))
-    return (f"{name} {tensor['status']}{severity} at {tensor.get('rule') or '-'} level: {tensor.get('reason', '')}"
+    rule = tensor.get("rule") or "-"
+    where = (f"by rule {rule} ({GUARD_RULES[rule]}, caught by guard bands)" if rule in GUARD_RULES
+             else f"at {rule} level")
+    return (f"{name} {tensor['status']}{severity} {where}: {tensor.get('reason', '')}"
             + (f"; failing {heads}" if heads != "—" else ""))
 
 

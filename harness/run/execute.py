@@ -13,7 +13,7 @@ import gc
 import re
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -23,7 +23,8 @@ from ..core.inputs import Inputs, apply_layout, check_strides
 from ..core.oracle import causal_keep
 from ..core.results import Outputs
 from ..implementations import Implementation, SdpaCall
-from .determinism import run_repeated
+from .determinism import compare_runs, run_repeated
+from .guards import Placement, place_guarded
 _REFUSAL = re.compile(r"No available kernel|No viable backend|not supported|Unsupported|requires", re.I)
 
 
@@ -69,18 +70,40 @@ def failure_of(exc: Exception) -> Failure:
     return Failure("exception", first_line(exc), {"exception": tb.strip()[-2000:]})
 
 
-def execute(impl: Implementation, inputs: Inputs, device: str, repeat: int = 1) -> Outputs | Failure:
+def execute(impl: Implementation, inputs: Inputs, device: str, repeat: int = 1,
+            sync: Callable[[torch.device], None] | None = None) -> Outputs | Failure:
     """One call in this process: the outputs, or why there are none. Process-global settings a kernel
-    changed are put back and named on its outputs, so no later result depends on them."""
+    changed are put back and named on its outputs, so no later result depends on them. A guarded case
+    runs a second time without guards: the baseline oob-read is judged against, and a bitwise check."""
+    where, sync = f"{impl.name} on {inputs.case.id}", sync or synchronize
+    try:  # an error still pending from an earlier call is not this one's: say so rather than run
+        settle(torch.device(device), sync, "an earlier call", f"surfaced before {where} started, not its own")
+    except DeferredDeviceError as exc:
+        return Failure("exception", str(exc), {"deferred": True})  # sticky: the worker restarts
     before = process_state()
     try:
-        outcome: Outputs | Failure = run_repeated(lambda: run_implementation(impl, inputs, device), repeat)
+        outcome: Outputs | Failure = run_repeated(lambda: run_implementation(impl, inputs, device, sync), repeat)
+        if isinstance(outcome, Outputs) and inputs.case.guard != "none":
+            unguarded = replace(inputs, case=inputs.case.replace(guard="none"))
+            with_baseline(outcome, run_implementation(impl, unguarded, device, sync))
     except Exception as exc:  # noqa: BLE001 - a raising kernel is a result, the run goes on
         outcome = failure_of(exc)
     changed = restore_process_state(before)
     if changed:
         outcome.notes["global_state"] = changed
     return outcome
+
+
+def with_baseline(guarded: Outputs, plain: Outputs) -> None:
+    """The unguarded call's tensors on `guarded` (core/verdict.py's oob-read compares against them), and
+    notes["guard_difference"] for tensors that differ bitwise: on a deterministic backend, a kernel whose
+    result depends on the strides (or on what lies beyond the tensor)."""
+    guarded.guard["baseline"] = dict(plain.tensors)
+    runs = compare_runs(guarded.tensors, [plain.tensors])
+    differing = {name: f"{r['max_abs_diff']:.3g}" for name, r in runs.items() if not r["deterministic"]}
+    if differing:
+        guarded.notes["guard_difference"] = ("differs bitwise from the same inputs without guards (max |diff|): "
+                                             + ", ".join(f"{k} {v}" for k, v in differing.items()))
 
 
 def capturing(executor: Executor, keep: dict[str, Outputs]) -> Executor:
@@ -136,10 +159,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _mask_and_causal(inputs: Inputs, device: torch.device, materialise: bool) -> tuple[object, bool]:
-    """attn_mask and is_causal as a user would pass them for this case."""
-    case = inputs.case
-    mask = inputs.mask.to(device) if inputs.mask is not None else None
+class DeferredDeviceError(Exception):
+    """An asynchronous device error, named after the call that caused it (not a RuntimeError: never a refusal)."""
+
+
+def settle(device: torch.device, sync: Callable[[torch.device], None], where: str, phase: str) -> None:
+    """Wait for the device and check it, so an error a kernel left pending surfaces here, on its own call
+    ("deferred error after <impl> on <case>"), not at the next call's first operation."""
+    try:
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 - whatever the device reports is this call's
+        raise DeferredDeviceError(f"deferred error after {where} ({phase}): {first_line(exc)}") from exc
+
+
+def _mask_and_causal(case, mask: torch.Tensor | None, device: torch.device, materialise: bool) -> tuple[object, bool]:
+    """attn_mask and is_causal as a user would pass them for this case (`mask`: the case's, on the device)."""
     if case.causal == "none":
         return mask, False
     if mask is None and case.causal == "top-left":
@@ -163,36 +197,52 @@ def refusal_reason(exc: BaseException, caught: list[warnings.WarningMessage]) ->
     return "; ".join(dict.fromkeys(reasons)) or text
 
 
-def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch.device) -> Outputs:
-    case = inputs.case
-    device = torch.device(device)
-    leaves = {role: getattr(inputs, role).to(device) for role in ("q", "k", "v")}
+def _placement(case, inputs: Inputs, device: torch.device) -> Placement:
+    """The inputs on the device: in guard buffers when the case asks for guards, else copied and laid out
+    (a copy even on the CPU, so a kernel writing to its input cannot reach the shared CPU inputs)."""
+    if case.guard != "none":
+        return place_guarded(case, inputs, device)
+    leaves = {role: getattr(inputs, role).to(device, copy=True) for role in ("q", "k", "v")}
     for leaf in leaves.values():
         leaf.requires_grad_(case.grads)
     kernel = {role: apply_layout(case, role, leaf) for role, leaf in leaves.items()}
-    grad_out = apply_layout(case, "grad_out", inputs.grad_out.to(device))
-    strides = {role: list(t.stride()) for role, t in {**kernel, "grad_out": grad_out}.items()}
-    for role, t in {**kernel, "grad_out": grad_out}.items():
+    kernel["grad_out"] = apply_layout(case, "grad_out", inputs.grad_out.to(device))
+    for role, t in kernel.items():
         problem = check_strides(case, role, t)
         if problem:
             raise HarnessDefect(f"layout not applied: {problem}")
+    return Placement(leaves, kernel, inputs.mask.to(device) if inputs.mask is not None else None, [])
 
-    attn_mask, is_causal = _mask_and_causal(inputs, device, impl.materialise_causal_bias)
+
+def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch.device,
+                       sync: Callable[[torch.device], None] = synchronize) -> Outputs:
+    """One call, the device synchronised and checked after forward and after backward, so an asynchronous
+    error is this call's (`sync` is injected by tests to stand for a device that reports one late)."""
+    case = inputs.case
+    device = torch.device(device)
+    placed = _placement(case, inputs, device)
+    leaves, kernel, grad_out = placed.leaves, placed.kernel, placed.kernel["grad_out"]
+    strides = {role: list(t.stride()) for role, t in kernel.items()}
+    attn_mask, is_causal = _mask_and_causal(case, placed.mask, device, impl.materialise_causal_bias)
     call = SdpaCall(case=case, query=kernel["q"], key=kernel["k"], value=kernel["v"], attn_mask=attn_mask,
                     is_causal=is_causal, scale=case.scale, enable_gqa=kernel["q"].shape[1] != kernel["k"].shape[1])
+    where = f"{impl.name} on {case.id}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             out = impl.forward(call)
-            synchronize(device)
         except Exception as exc:
             reason = refusal_reason(exc, caught)
             if reason is not None:
                 raise Unsupported(reason) from exc
             raise
+        settle(device, sync, where, "forward")
+    findings = placed.findings("forward", [])
 
     result = Outputs(tensors={"out": out.detach().cpu() if isinstance(out, torch.Tensor) else out},
                      notes=dict(call.notes), strides=strides)
+    if case.guard != "none":
+        result.guard = {"mode": case.guard, "findings": findings}
     if isinstance(out, torch.Tensor):
         result.devices["out"] = str(out.device)
     if not case.grads:
@@ -212,12 +262,14 @@ def run_implementation(impl: Implementation, inputs: Inputs, device: str | torch
         return result
     try:
         grads = torch.autograd.grad(out, [leaves["q"], leaves["k"], leaves["v"]], grad_out, allow_unused=True)
-        synchronize(device)
+        settle(device, sync, where, "backward")
     except Exception as exc:  # noqa: BLE001 - a broken backward is a result, not a harness crash
         if isinstance(exc, torch.OutOfMemoryError):
             raise
         result.backward_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         return result
+    if case.guard != "none":
+        result.guard["findings"] += placed.findings("backward", findings)
     for name, g in zip(("dq", "dk", "dv"), grads):
         result.tensors[name] = g.detach().cpu() if g is not None else None
         if g is not None:
