@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dc_replace
 import pytest
 import torch
 
@@ -12,6 +13,11 @@ from harness.lab.calibrate import (AXES, CALIBRATION_SEED_BASE, SCHEMA, GridCase
                                trends)
 from harness.core.case import Case
 from harness.cli import main
+from harness.core.known import KnownFailure
+from harness.implementations.user import implementation_from_callable
+from harness.lab.calibrate import kernel_samples
+from tests import wrong_kernels
+from tests.helpers import cached_references, session
 from harness.run.env import device_facts, fingerprint
 from harness.run.session import Session
 from harness.core.metrics import LEVELS
@@ -113,3 +119,15 @@ def test_calibrate_rejects_a_bad_seed_count_in_one_line(capsys):
     assert main(["calibrate", "--seeds", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--seeds" in err
+
+
+def test_a_kernel_tensor_a_known_entry_absorbs_is_a_counter_example_not_a_correct_kernel():
+    case = Case(batch=1, q_heads=32, kv_heads=1, q_len=128, kv_len=128, head_dim=64)  # group size 32: dK/dV fail
+    impl = implementation_from_callable(wrong_kernels.bf16_group_sum, "group-sum-kernel")
+    entry = KnownFailure(id="recorded-bug", case=("*",), impl=("group-sum-kernel",), tensors=("dk", "dv"), device="*",
+                         torch="*", max_ratio=1e9, max_slice_ratio=1e9, max_row_ratio=1e9, evidence="test",
+                         cite=("reports/findings/x",))
+    plain, _ = kernel_samples(cached_references(case), impl, session())
+    known, _ = kernel_samples(cached_references(case), impl, dc_replace(session(), known=(entry,)))
+    assert {t: k for t, _, k in plain} == {"out": None, "dq": None, "dk": None, "dv": None}
+    assert {t: k for t, _, k in known} == {"out": None, "dq": None, "dk": "recorded-bug", "dv": "recorded-bug"}

@@ -121,12 +121,16 @@ def design_samples(refs: References) -> list[tuple[str, str, TensorMetrics]]:
     return out
 
 
-def kernel_samples(refs: References, impl: Implementation, session: Session) -> tuple[list[tuple[str, TensorMetrics]], str]:
-    """(tensor, metrics) of one implementation, judged with no known-failure entries; or the error."""
-    result = run_one(session.without_known(), refs, impl)
+def kernel_samples(refs: References, impl: Implementation, session: Session
+                   ) -> tuple[list[tuple[str, TensorMetrics, str | None]], str]:
+    """(tensor, metrics, the known-failure entry that absorbs it or None) of one implementation; or the error.
+    A tensor a known entry absorbs is a recorded bug (on a GPU, cuDNN's NaN dQ, say): it is shown as a
+    counter-example, never counted as what a correct kernel reaches."""
+    result = run_one(session, refs, impl)
     if result.status is Status.UNSUPPORTED:
         return [], ""
-    samples = [(name, v.metrics) for name, v in result.tensors.items() if v.metrics is not None]
+    samples = [(name, v.metrics, v.known_entry if v.status is Status.KNOWN else None)
+               for name, v in result.tensors.items() if v.metrics is not None]
     problems = [f"{name}: {v.reason}" for name, v in result.tensors.items() if v.metrics is None and v.reason]
     return samples, result.error or "; ".join(problems)
 
@@ -159,7 +163,9 @@ def calibrate_case(case: Case, axes: tuple[str, ...], on_grid: bool, session: Se
         samples, error = kernel_samples(refs, impl, session)
         if error:
             errors.append({"case_id": case.id, "source": source, "error": error})
-        rows += [sample_row(case, source, kind, tensor, m, tol, axes) for tensor, m in samples]
+        rows += [sample_row(case, source if known is None else f"{name} [{known}]",
+                            kind if known is None else "counter-example", tensor, m, tol, axes)
+                 for tensor, m, known in samples]
     return rows, errors
 
 
