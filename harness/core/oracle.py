@@ -26,6 +26,7 @@ import torch
 
 from .case import Case
 from .inputs import Inputs
+from .workplan import Chunk, WorkPlan, plan_work
 
 BLOCK_BYTES = 2 * 2**20  # one logits block (kv group x rows x keys); a few live at once, in cache
 MIN_GROUP_ROWS = 64  # stacked query rows per GEMM, below which the GEMMs lose efficiency
@@ -82,13 +83,21 @@ def causal_keep(case: Case, r0: int, r1: int) -> torch.Tensor | None:
     return cols <= rows + offset
 
 
-def chunk_rows(case: Case, itemsize: int) -> int:
+def causal_keep_at(case: Case, positions: torch.Tensor) -> torch.Tensor | None:
+    """causal_keep for the query rows at `positions` (a row-sampled oracle's rows)."""
+    if case.causal == "none":
+        return None
+    offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
+    return torch.arange(case.kv_len)[None, :] <= positions[:, None] + offset
+
+
+def chunk_rows(case: Case, itemsize: int, n_rows: int | None = None) -> int:
     """Query rows per block: a kv group's logits block (group x rows x kv_len) of about
     BLOCK_BYTES, so the elementwise passes run in cache, but at least MIN_GROUP_ROWS stacked
     rows so the GEMMs stay efficient; small rows also let causal skip most masked keys."""
     g = case.group_size
     rows = BLOCK_BYTES // (g * case.kv_len * itemsize)
-    return max(1, min(case.q_len, max(rows, -(-MIN_GROUP_ROWS // g))))
+    return max(1, min(n_rows or case.q_len, max(rows, -(-MIN_GROUP_ROWS // g))))
 
 
 def _heads_per_block(case: Case, rows: int, itemsize: int) -> int:
@@ -97,92 +106,119 @@ def _heads_per_block(case: Case, rows: int, itemsize: int) -> int:
     return max(1, min(case.kv_heads, BLOCK_BYTES // per_head))
 
 
-def _visible_keys(case: Case, r0: int, r1: int) -> tuple[int, int]:
-    """(first key any row of [r0, r1) cannot see, end of the keys some row can see): causal masks
-    every key past the end for every row, so those keys are skipped, not computed and masked."""
+def _visible_keys(case: Case, first: int, last: int) -> tuple[int, int]:
+    """For query positions first..last (sorted): (first key some row cannot see, end of the keys some
+    row can see). Causal masks every key past the end for every row: skipped, not computed and masked."""
     lk = case.kv_len
     if case.causal == "none":
         return lk, lk
     offset = 0 if case.causal == "top-left" else lk - case.q_len
     # at least one key: rows that see none still go through the masked path (dead rows)
-    return min(lk, max(0, r0 + offset + 1)), min(lk, max(1, r1 + offset))
+    return min(lk, max(0, first + offset + 1)), min(lk, max(1, last + 1 + offset))
 
 
-def _parallel(units: list, fn) -> None:
-    """Run fn over units on torch's thread count, each op single-threaded: blocks are small, and
-    an OpenMP fork/join per small op costs more than it gains (far more on a shared, loaded machine)."""
-    workers = min(torch.get_num_threads(), len(units))
-    if workers <= 1:
-        for unit in units:
-            fn(unit)
-        return
+def row_chunks(case: Case, positions: torch.Tensor, chunk: int) -> list[Chunk]:
+    """The blocks of rows (indices into `positions`) and the keys each must compute."""
+    n = len(positions)
+    out = []
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        out.append(Chunk(r0, r1, *_visible_keys(case, int(positions[r0]), int(positions[r1 - 1]))))
+    return out
+
+
+def _parallel(units: tuple, fn) -> None:
+    """Run fn over units on torch's thread count, each op single-threaded, with one thread too: a
+    GEMM's bits may depend on its own thread count, and an OpenMP fork/join per small op costs more
+    than it gains (far more on a shared, loaded machine)."""
     previous = torch.get_num_threads()
+    workers = min(previous, len(units))
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fn, units))
+        if workers <= 1:
+            for unit in units:
+                fn(unit)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fn, units))
     finally:
         torch.set_num_threads(previous)
 
 
-def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype) -> torch.Tensor:
-    """(B, Hq, L, D) -> contiguous (B, Hkv, L, G, D) in `compute`: a block's rows of all the group's
-    query heads are then one contiguous (rows x G, D) matrix, a GEMM operand without a copy."""
+def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hq, L, D) -> contiguous (B, Hkv, L, G, D) in `compute` (only `rows` of L when given): a
+    block's rows of all the group's query heads are then one contiguous (rows x G, D) matrix."""
+    if rows is not None:
+        t = t.index_select(2, rows)
     _, _, length, dim = t.shape
     out = torch.empty(b, hkv, length, g, dim, dtype=compute)
     return out.copy_(t.view(b, hkv, g, length, dim).transpose(2, 3))
 
 
-def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None) -> AttentionResult:
-    """Blocked attention forward + backward in `compute` precision under a rounding policy."""
+def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None,
+              rows: torch.Tensor | None = None) -> AttentionResult:
+    """Blocked attention forward + backward in `compute` precision under a rounding policy.
+    `rows` (sorted query positions): only those rows' output, lse and dQ, in that order, and the dK/dV
+    that those rows' grad_out feeds: the exact gradient when grad_out is zero on every other row."""
     case = inputs.case
     b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
     g, d, dv_dim = case.group_size, case.head_dim, case.value_dim
+    positions = torch.arange(lq) if rows is None else rows
+    n = len(positions)
     scale = softmax_scale(case)
     itemsize = torch.finfo(compute).bits // 8
-    chunk = chunk or chunk_rows(case, itemsize)
+    chunk = chunk or chunk_rows(case, itemsize, n)
     nh = _heads_per_block(case, chunk, itemsize)
 
     # The softmax scale is folded into Q (for S and dK) and K (for dQ): no pass over a logits block.
-    qs = _rows_major(inputs.q, b, hkv, g, compute).mul_(scale)
+    qs = _rows_major(inputs.q, b, hkv, g, compute, rows).mul_(scale)
     k = inputs.k.to(compute)
-    ks = k * scale
+    ks = k * scale if case.grads else None
     v = inputs.v.to(compute)
-    do = _rows_major(inputs.grad_out, b, hkv, g, compute)
+    do = _rows_major(inputs.grad_out, b, hkv, g, compute, rows)
     mask = inputs.mask
     if mask is not None:
+        mask = mask if rows is None or mask.shape[2] == 1 else mask.index_select(2, rows)
         per_head = mask.shape[1] != 1
-        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk).transpose(2, 3)
+        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], lk).transpose(2, 3)
 
     # results are written in their final (B, Hkv, G, L, D) order, block by block: no copy at the end
-    out = torch.empty(b, hkv, g, lq, dv_dim, dtype=compute)
-    lse = torch.empty(b, hkv, g, lq, dtype=compute)
+    out = torch.empty(b, hkv, g, n, dv_dim, dtype=compute)
+    lse = torch.empty(b, hkv, g, n, dtype=compute)
     grads = case.grads
-    dq = torch.empty(b, hkv, g, lq, d, dtype=compute) if grads else None
+    dq = torch.empty(b, hkv, g, n, d, dtype=compute) if grads else None
+    dk_acc = dv_acc = None
     if grads and policy.per_head_dkdv:
         dk_acc = torch.zeros(b, hkv, g, lk, d, dtype=compute)
         dv_acc = torch.zeros(b, hkv, g, lk, dv_dim, dtype=compute)
     elif grads:  # transposed, (D, keys): the GEMM then has the wide key dimension as its columns
         dk_acc = torch.zeros(b, hkv, d, lk, dtype=compute)
         dv_acc = torch.zeros(b, hkv, dv_dim, lk, dtype=compute)
+    partial = (dk_acc.numel() + dv_acc.numel()) * itemsize if grads else 0
+    plan = plan_work(b, hkv, nh, row_chunks(case, positions, chunk), partial)
+    # parts after the first accumulate apart; allocated zero, summed in part order at the end
+    extra = [(torch.zeros_like(dk_acc), torch.zeros_like(dv_acc)) for _ in range(plan.parts - 1)] if grads else []
     # Rounding the normalised P or dS needs P normalised in place (one more pass); otherwise 1/l
     # is folded into the small row-sized operands (O, dQ rows, the Q and dO rows of dK and dV).
     normalise = policy.dtype is not None and (policy.p_before_dv or policy.ds_before_gemm)
 
-    def heads(unit: tuple[int, int, int]) -> None:
-        bi, h0, h1 = unit
-        for r0 in range(0, lq, chunk):
-            r1 = min(lq, r0 + chunk)
-            c0, c1 = _visible_keys(case, r0, r1)
-            _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask,
-                   out, lse, dq, dk_acc if grads else None, dv_acc if grads else None)
+    def run_unit(unit) -> None:
+        dk_t, dv_t = (dk_acc, dv_acc) if unit.part == 0 or not grads else extra[unit.part - 1]
+        for c in unit.chunks:
+            _block(case, policy, normalise, unit.batch, unit.h0, unit.h1, c.r0, c.r1, c.c0, c.c1, positions,
+                   qs, k, ks, v, do, mask, out, lse, dq, dk_t, dv_t)
 
-    # each unit writes only its own heads' slices, in a fixed order: results do not depend on threads
-    _parallel([(bi, h0, min(hkv, h0 + nh)) for bi in range(b) for h0 in range(0, hkv, nh)], heads)
+    # each unit writes only its own rows and its own partial: results do not depend on threads
+    _parallel(plan.units, run_unit)
+    for dk_p, dv_p in extra:  # the fixed-order reduction
+        dk_acc += dk_p
+        dv_acc += dv_p
+    del extra
 
     fin = policy.round
-    output = fin(out.view(b, hq, lq, dv_dim))
-    lse_out = lse.view(b, hq, lq)
+    output = fin(out.view(b, hq, n, dv_dim))
+    lse_out = lse.view(b, hq, n)
     if not grads:
         return AttentionResult(output, lse_out, None, None, None)
     if policy.per_head_dkdv:
@@ -191,11 +227,22 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     else:
         dk_acc = dk_acc.transpose(-1, -2).contiguous()
         dv_acc = dv_acc.transpose(-1, -2).contiguous()
-    return AttentionResult(output, lse_out, fin(dq.view(b, hq, lq, d)), fin(dk_acc), fin(dv_acc))
+    return AttentionResult(output, lse_out, fin(dq.view(b, hq, n, d)), fin(dk_acc), fin(dv_acc))
 
 
-def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do, mask, out, lse, dq, dk_acc, dv_acc):
-    """Forward and backward of query rows [r0, r1) of kv heads [h0, h1) of batch bi, against keys [0, c1).
+def work_plan(case: Case, rows: torch.Tensor | None = None, itemsize: int = 8) -> WorkPlan:
+    """The units the oracle would run `case` as (bench's thread-balance simulation)."""
+    positions = torch.arange(case.q_len) if rows is None else rows
+    chunk = chunk_rows(case, itemsize, len(positions))
+    nh = _heads_per_block(case, chunk, itemsize)
+    partial = case.batch * case.kv_heads * case.kv_len * (case.head_dim + case.value_dim) * itemsize if case.grads else 0
+    return plan_work(case.batch, case.kv_heads, nh, row_chunks(case, positions, chunk), partial)
+
+
+def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, positions, qs, k, ks, v, do, mask, out, lse, dq,
+           dk_acc, dv_acc):
+    """Forward and backward of query rows [r0, r1) (at `positions`) of kv heads [h0, h1) of batch bi,
+    against keys [0, c1).
     Blocks are (heads, rows, group, keys): row-major over (row, query head of the group)."""
     nh, g, n = h1 - h0, case.group_size, r1 - r0
     d, dv_dim = case.head_dim, case.value_dim
@@ -211,7 +258,7 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
             s.add_(mc.to(s.dtype))  # added exactly as quantized
     if c0 < c1:  # the causal diagonal: only keys [c0, c1) are masked for some row of the block
         offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
-        rows = torch.arange(r0, r1)[:, None, None]
+        rows = positions[r0:r1, None, None]
         cols = torch.arange(c0, c1)
         s[..., c0:c1].masked_fill_(cols > rows + offset, float("-inf"))
 
@@ -254,6 +301,7 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, qs, k, ks, v, do
         dv_acc[bi, h0:h1, :, :c1].baddbmm_(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
 
 
-def oracle(inputs: Inputs, chunk: int | None = None) -> AttentionResult:
-    """The truth: fp64 on the CPU, on the same quantized values every device saw."""
-    return attention(inputs, torch.float64, EXACT, chunk)
+def oracle(inputs: Inputs, chunk: int | None = None, rows: torch.Tensor | None = None) -> AttentionResult:
+    """The truth: fp64 on the CPU, on the same quantized values every device saw (only `rows`' output
+    and dQ when given: the row-sampled oracle of long cases)."""
+    return attention(inputs, torch.float64, EXACT, chunk, rows)
