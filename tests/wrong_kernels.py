@@ -149,3 +149,24 @@ def drops_last_key_when_kv_len_1_mod_32(query, key, value, attn_mask=None, dropo
             mask = attn_mask & mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~mask, float("-inf"))
         attn_mask = mask
     return _math(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+
+class _LeakIntoDq(torch.autograd.Function):
+    """Identity forward; backward adds 1e-6·q to dQ: a term that does not go through grad_out."""
+
+    @staticmethod
+    def forward(ctx, query):
+        ctx.save_for_backward(query)
+        return query.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (query,) = ctx.saved_tensors
+        return grad + 1e-6 * query
+
+
+def dq_written_where_grad_out_is_zero(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                      enable_gqa=False):
+    """Wrong (long cases): dQ gets 1e-6·q on every row, also on rows whose grad_out is zero; rule
+    unsampled-dq fails its dQ (gross), whatever the sampled rows score."""
+    return _math(_LeakIntoDq.apply(query), key, value, attn_mask, is_causal, scale, enable_gqa)

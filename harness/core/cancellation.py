@@ -19,38 +19,45 @@ from __future__ import annotations
 import torch
 
 from .inputs import Inputs
-from .oracle import causal_keep, softmax_scale
+from .oracle import causal_keep_at, softmax_scale
 
 CHUNK_BYTES = 64 * 2**20
 
 
-def d_term_noise(inputs: Inputs, oracle_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from D's rounding, in the tensors' units."""
+def d_term_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from D's rounding, in the tensors' units.
+    `rows`: the query rows `oracle_out` holds (a long case's); dQ's noise is then for those rows, and
+    dK's is exact as long as grad_out is zero on every other row (their weight is zero)."""
     case = inputs.case
-    b, hq, hkv, lq, lk, g = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, case.group_size
+    b, hq, hkv, lk, g = case.batch, case.q_heads, case.kv_heads, case.kv_len, case.group_size
+    positions = torch.arange(case.q_len) if rows is None else rows
+    lq = len(positions)
     scale = softmax_scale(case)
-    q = inputs.q.double().view(b, hkv, g, lq, case.head_dim)
+    q_rows = inputs.q if rows is None else inputs.q.index_select(2, rows)
+    do_rows = inputs.grad_out if rows is None else inputs.grad_out.index_select(2, rows)
+    q = q_rows.double().view(b, hkv, g, lq, case.head_dim)
     k = inputs.k.double()[:, :, None]  # (B, Hkv, 1, Lk, D): broadcast over the group
     o = oracle_out.double()
     o_rounding = o.to(inputs.q.dtype).double() - o  # what storing O in the dtype does to it
-    weight = (inputs.grad_out.double() * o_rounding).norm(dim=-1).view(b, hkv, g, lq)
+    weight = (do_rows.double() * o_rounding).norm(dim=-1).view(b, hkv, g, lq)
     weight = torch.nan_to_num(weight, nan=0.0, posinf=0.0)
     qnorm = q.norm(dim=-1)
     mask = inputs.mask
     if mask is not None:
+        mask = mask if rows is None else mask.index_select(2, rows)
         per_head = mask.shape[1] != 1
         mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk)
         mask = mask if mask.dtype == torch.bool else mask.double()
     dq = torch.zeros(b, hkv, g, lq, dtype=torch.float64)
     dk2 = torch.zeros(b, hkv, lk, dtype=torch.float64)
-    rows = max(1, min(lq, CHUNK_BYTES // (8 * b * hq * lk)))
-    for r0 in range(0, lq, rows):
-        r1 = min(lq, r0 + rows)
+    step = max(1, min(lq, CHUNK_BYTES // (8 * b * hq * lk)))
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
         s = torch.matmul(q[:, :, :, r0:r1], k.transpose(-1, -2)).mul_(scale)
         if mask is not None:
             mc = mask[..., r0:r1, :]
             s = s.masked_fill(~mc, float("-inf")) if mc.dtype == torch.bool else s + mc
-        keep = causal_keep(case, r0, r1)
+        keep = causal_keep_at(case, positions[r0:r1])
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # rows that see no key are zero

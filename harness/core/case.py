@@ -55,6 +55,9 @@ class Case:
     values: str = "normal"
     seed: int = 0
     grads: bool = True
+    # long context: grad_out is zero off a sample of query rows and the oracle computes only those
+    # rows (core/sampling.py), so its cost is O(rows x Lk), not O(Lq x Lk)
+    long: bool = False
     guard: str = "none"
 
     def __post_init__(self) -> None:
@@ -170,6 +173,8 @@ def case_id(case: Case) -> str:
         parts.append(case.values)
     if not case.grads:
         parts.append("fwd")
+    if case.long:
+        parts.append("long")
     if case.guard != "none":
         parts.append(f"guard-{case.guard}")
     parts.append(f"s{case.seed}")
@@ -183,7 +188,7 @@ ALIASES = {
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Case)}
 _INT_FIELDS = {"batch", "q_heads", "kv_heads", "q_len", "kv_len", "head_dim", "v_head_dim", "seed"}
-_BOOL_FIELDS = {"mask_per_head", "grads"}
+_BOOL_FIELDS = {"mask_per_head", "grads", "long"}
 
 
 def coerce_field(name: str, raw: Any) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .case import Case
+from .sampling import RowSample, sample_rows, zero_unsampled
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,6 +42,7 @@ class Inputs:
     v: torch.Tensor
     grad_out: torch.Tensor
     mask: torch.Tensor | None  # bool, or float in the case dtype; broadcastable to (B, Hq, Lq, Lk)
+    sample: RowSample | None = None  # a long case's row sample: grad_out is zero off sample.rows
 
     def hashes(self) -> dict[str, str]:
         named = {"q": self.q, "k": self.k, "v": self.v, "grad_out": self.grad_out}
@@ -142,7 +144,10 @@ def make_inputs(case: Case) -> Inputs:
     _shape_values(case, q, k, v)
     mask = make_mask(case, gen)
     dt = torch_dtype(case)
-    return Inputs(case, q.to(dt), k.to(dt), v.to(dt), grad_out.to(dt), mask)
+    sample = sample_rows(case) if case.long else None
+    if sample is not None:
+        zero_unsampled(grad_out, sample)
+    return Inputs(case, q.to(dt), k.to(dt), v.to(dt), grad_out.to(dt), mask, sample)
 
 
 # --- placement on the device -------------------------------------------------------------

@@ -55,6 +55,7 @@ class LowPrecReference:
         return named
 
 
-def lowprec_reference(inputs: Inputs) -> LowPrecReference:
+def lowprec_reference(inputs: Inputs, rows: torch.Tensor | None = None) -> LowPrecReference:
+    """`rows`: only those query rows' output and dQ (a long case's row-sampled references)."""
     dtype = torch_dtype(inputs.case)
-    return LowPrecReference({d.name: attention(inputs, torch.float32, d) for d in designs(dtype)})
+    return LowPrecReference({d.name: attention(inputs, torch.float32, d, rows=rows) for d in designs(dtype)})

@@ -39,7 +39,9 @@ def magnitude(inputs: Inputs, tensor: str) -> float:
     dQ of that row was 8.6x the former sqrt(n)-free term; this term is sqrt(n)·n/sqrt(n) = n x it.
     """
     case = inputs.case
-    rq, rk, rv, rdo = (_rms(t) for t in (inputs.q, inputs.k, inputs.v, inputs.grad_out))
+    # a long case's grad_out is zero off its sampled rows: its size is that of the rows it was kept on
+    do = inputs.grad_out if inputs.sample is None else inputs.grad_out.index_select(2, inputs.sample.rows)
+    rq, rk, rv, rdo = (_rms(t) for t in (inputs.q, inputs.k, inputs.v, do))
     n = case.value_dim
     dp_noise = math.sqrt(n) * n * rdo * rv  # rounding-error scale of dP - D, in units of u
     scale = softmax_scale(case)

@@ -27,11 +27,17 @@ class References:
     def case(self) -> Case:
         return self.inputs.case
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The query rows out and dQ of the oracle hold (a long case's checked rows), None for all."""
+        return self.inputs.sample.checked if self.inputs.sample is not None else None
+
 
 def references(case: Case) -> References:
     start = time.perf_counter()
     inputs = make_inputs(case)
-    truth = oracle(inputs).tensors()
-    lp = lowprec_reference(inputs).tensors()
-    noise = d_term_noise(inputs, truth["out"]) if case.grads else {}
+    rows = inputs.sample.checked if inputs.sample is not None else None  # long: the row-sampled oracle
+    truth = oracle(inputs, rows=rows).tensors()
+    lp = lowprec_reference(inputs, rows).tensors()
+    noise = d_term_noise(inputs, truth["out"], rows) if case.grads else {}
     return References(inputs, truth, lp, time.perf_counter() - start, noise)

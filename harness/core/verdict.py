@@ -7,6 +7,7 @@ Rules, in order (the first that applies decides):
                  guard band written (oob-write) is a FAIL named after the input; an output that took up
                  the guard's NaN or sentinel where the same call without guards did not, with the oracle
                  finite, read out of bounds (oob-read, with the first index).
+  1c. unsampled-dq — long cases only (sampling.py): dQ non-zero on a row whose grad_out is zero: FAIL.
   2. range     — the oracle itself exceeds finfo.max / 2: OUT_OF_RANGE (no kernel can be judged).
   3. nonfinite — NaN/Inf where the oracle is finite, or finite where the oracle is not: FAIL (gross).
   4. levels    — error / scale beyond the level's factor at the tensor, slice or row level
@@ -33,6 +34,7 @@ from .known import KnownFailure
 from .metrics import LEVELS, TensorMetrics, tensor_metrics
 from .references import References
 from .results import TENSORS, Outputs, Status, TensorVerdict
+from .sampling import RowSample
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,10 @@ def judge(refs: References, outputs: Outputs, tol: Tolerances, known: tuple[Know
             verdicts[name] = TensorVerdict(name, Status.ERROR, "backward-error", f"backward raised {outputs.backward_error}")
             continue
         truth = refs.oracle[name]
-        problem = contract_problem(name, outputs.tensors.get(name), tuple(truth.shape), dtype, where.device,
+        shape = tuple(truth.shape)
+        if refs.rows is not None and name in ("out", "dq"):  # a long case's oracle holds its checked rows only
+            shape = (*shape[:2], case.q_len, shape[3])
+        problem = contract_problem(name, outputs.tensors.get(name), shape, dtype, where.device,
                                    outputs.devices.get(name))
         if problem and outputs.tensors.get(name) is None and outputs.notes.get("backward"):
             problem = f"{name} is missing: {outputs.notes['backward']}"
@@ -175,7 +180,14 @@ def judge(refs: References, outputs: Outputs, tol: Tolerances, known: tuple[Know
         if oob is not None:
             verdicts[name] = oob
             continue
-        m = tensor_metrics(name, outputs.tensors[name], truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name))
+        actual = outputs.tensors[name]
+        if refs.rows is not None and name in ("out", "dq"):  # a long case: the oracle holds only its checked rows
+            zero = unsampled_dq(actual, refs.inputs.sample) if name == "dq" else None
+            if zero is not None:
+                verdicts[name] = apply_known(zero, known, case.id, case.group_size, where)
+                continue
+            actual = actual.index_select(2, refs.rows.to(actual.device))
+        m = tensor_metrics(name, actual, truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name))
         verdicts[name] = apply_known(judge_metrics(m, case.dtype, tol), known, case.id, case.group_size, where)
     return {**verdicts, **guard_verdicts(outputs.guard)}
 
@@ -222,6 +234,23 @@ def oob_read(name: str, actual: torch.Tensor, truth: torch.Tensor, guard: dict[s
               f"did not (oracle finite), first at {name}{first}, in {int(rows.sum())}/{rows.numel()} rows")
     return TensorVerdict(name, Status.FAIL, "oob-read", reason, severity="gross", excess=math.inf,
                          failing_heads=_heads(rows.any(-1)))
+
+
+def unsampled_dq(actual: torch.Tensor, sample: RowSample) -> TensorVerdict | None:
+    """Rule 1c (long cases): grad_out is zero on every row outside the sample, so dQ is exactly zero there."""
+    off = torch.ones(actual.shape[2], dtype=torch.bool)
+    off[sample.rows] = False
+    written = (actual != 0).any(-1)[:, :, off.to(actual.device)]  # NaN != 0 too
+    if not bool(written.any()):
+        return None
+    rows = off.nonzero().reshape(-1)
+    b, h, i = (int(x) for x in written.nonzero()[0])
+    row = int(rows[i])
+    value = actual[b, h, row][actual[b, h, row] != 0][0].item()
+    reason = (f"dq: non-zero on {int(written.any(0).any(0).sum())} of the {len(rows)} unsampled rows, where grad_out "
+              f"is zero so dQ must be exactly 0; first at dq[{b}, {h}, {row}] (a value {value:.5g})")
+    return TensorVerdict("dq", Status.FAIL, "unsampled-dq", reason, severity="gross", excess=math.inf,
+                         failing_heads=_heads(written.any(-1)))
 
 
 def unsampled_dq(actual: torch.Tensor, sample: RowSample) -> TensorVerdict | None:

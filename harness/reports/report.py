@@ -27,7 +27,8 @@ def build_report(records: list[dict[str, Any]], fingerprint: dict[str, Any], set
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for rec in records:
         if rec.get("type") == "case":
-            cases[rec["case_id"]] = {k: rec[k] for k in ("case", "spec", "input_sha256", "oracle_seconds", "source")
+            cases[rec["case_id"]] = {k: rec[k] for k in ("case", "spec", "input_sha256", "oracle_seconds", "source",
+                                                                   "sampling")
                                      if k in rec}
         elif rec.get("type") == "result":
             results[(rec["case_id"], rec["impl"])] = {k: v for k, v in rec.items() if k != "type"}
@@ -122,9 +123,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += trends_section(report)
     lines += _known_entries(report) + _canary_section(report) + _pass_table(report) + _unsupported(report)
-    lines += _reliability(report)
+    lines += _reliability(report) + _sampled(report)
     lines += ["## Fingerprint", "", "```json", json.dumps(fp, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _sampled(report: dict[str, Any]) -> list[str]:
+    """Long cases: which rows the row-sampled oracle checked and which output rows it left unchecked."""
+    rows = [[cell(cid), cell(c["sampling"])] for cid, c in sorted(report["cases"].items()) if c.get("sampling")]
+    if not rows:
+        return []
+    return ["## Row-sampled cases (long): what was checked", "",
+            tabulate(rows, headers=["case", "checked"], tablefmt="github"), ""]
 
 
 def _known_entries(report: dict[str, Any]) -> list[str]:

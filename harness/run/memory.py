@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from ..core.case import Case
 from ..core.inputs import TORCH_DTYPES
+from ..core.sampling import sample_rows
+from ..core.workplan import PARTIAL_BYTES
 
 # fp64 q, k, v, dO, out, dQ, dK, dV for the oracle, the same again in fp32 for each of the
 # low-precision designs (4, with per-head dK/dV for one), plus the chunked logits blocks.
@@ -27,8 +29,25 @@ def tensor_elements(case: Case) -> int:
 
 def reference_bytes(case: Case) -> int:
     """Host memory the inputs, the fp64 oracle and the low-precision references need at once."""
+    if case.long:
+        return long_reference_bytes(case)
     per_head_dkdv = case.batch * case.q_heads * case.kv_len * (case.head_dim + case.value_dim) * 4
     return tensor_elements(case) * 8 * _REFERENCE_COPIES + per_head_dkdv + _BLOCK_BYTES
+
+
+def long_reference_bytes(case: Case) -> int:
+    """A long case's (row-sampled) references: the q side only for the checked rows, the kv side whole;
+    fp64-sized copies of K and V (k, k·scale, v, dK/dV accumulators, the results the oracle and the four
+    designs keep): about 10 with gradients, 2 forward only; plus the inputs as drawn (fp32, then dtype)."""
+    b, d, dv = case.batch, case.head_dim, case.value_dim
+    rows = len(sample_rows(case).checked)
+    kv = b * case.kv_heads * case.kv_len * (d + dv)
+    q_rows = b * case.q_heads * rows * (2 * d + 2 * dv) * 8 * _REFERENCE_COPIES
+    inputs = (b * case.q_heads * case.q_len * (d + dv) + kv) * 6
+    per_head_dkdv = b * case.q_heads * case.kv_len * (d + dv) * 4 if case.grads else 0
+    # a structured bool mask is whole (Lq x Lk) with its comparison temporaries: ~3 bytes an element
+    mask = b * (case.q_heads if case.mask_per_head else 1) * case.q_len * case.kv_len * 3 if case.has_mask else 0
+    return kv * 8 * (10 if case.grads else 2) + q_rows + inputs + per_head_dkdv + mask + PARTIAL_BYTES + _BLOCK_BYTES
 
 
 def device_bytes(case: Case) -> int:

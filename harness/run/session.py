@@ -97,7 +97,9 @@ def case_record(case: Case, refs: References | None) -> dict[str, Any]:
     """The stream's record of a case: its fields, spec, input hashes and what its references cost."""
     return {"type": "case", "case_id": case.id, "case": case.to_dict(), "spec": case_spec(case),
             "input_sha256": refs.inputs.hashes() if refs else {},
-            "oracle_seconds": round(refs.seconds, 4) if refs else 0.0}
+            "oracle_seconds": round(refs.seconds, 4) if refs else 0.0,
+            # a long case: which rows its row-sampled oracle checked, and which output rows it left unchecked
+            **({"sampling": refs.inputs.sample.describe()} if refs and refs.inputs.sample is not None else {})}
 
 
 class CaseRunner:
