@@ -253,23 +253,6 @@ def unsampled_dq(actual: torch.Tensor, sample: RowSample) -> TensorVerdict | Non
                          failing_heads=_heads(written.any(-1)))
 
 
-def unsampled_dq(actual: torch.Tensor, sample: RowSample) -> TensorVerdict | None:
-    """Rule 1c (long cases): grad_out is zero on every row outside the sample, so dQ is exactly zero there."""
-    off = torch.ones(actual.shape[2], dtype=torch.bool)
-    off[sample.rows] = False
-    written = (actual != 0).any(-1)[:, :, off.to(actual.device)]  # NaN != 0 too
-    if not bool(written.any()):
-        return None
-    rows = off.nonzero().reshape(-1)
-    b, h, i = (int(x) for x in written.nonzero()[0])
-    row = int(rows[i])
-    value = actual[b, h, row][actual[b, h, row] != 0][0].item()
-    reason = (f"dq: non-zero on {int(written.any(0).any(0).sum())} of the {len(rows)} unsampled rows, where grad_out "
-              f"is zero so dQ must be exactly 0; first at dq[{b}, {h}, {row}] (a value {value:.5g})")
-    return TensorVerdict("dq", Status.FAIL, "unsampled-dq", reason, severity="gross", excess=math.inf,
-                         failing_heads=_heads(written.any(-1)))
-
-
 def apply_known(verdict: TensorVerdict, known, case_id: str, group_size: int, where: Where) -> TensorVerdict:
     """Rule 5. The matching entry's id is kept on the verdict even when it absorbs nothing, so a report
     can tell an entry that matched passing tensors (FIXED: the entry can go)."""
