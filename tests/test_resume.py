@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -121,3 +122,27 @@ def test_a_fresh_run_replaces_the_stream_and_resume_keeps_it(tmp_path):
     sink, resumed = open_stream(stream, {"device_label": "cpu-x86_64"}, resume=True)
     sink.close()
     assert [r["type"] for r in resumed.records] == ["run"] and len(read_stream(stream)) == 1
+
+
+def _disk_fills_at(size: int):
+    """For the child: files stop growing at `size` bytes, as on a full disk (EFBIG where ENOSPC would be)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_full_disk_is_one_line_leaves_no_cut_report_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [*ARGS[:-2], "--out"]  # sdpa-math only: no gate
+    part, full = tmp_path / "part", tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", *args, str(part)], cwd=ROOT, capture_output=True,
+                          text=True, preexec_fn=_disk_fills_at(12_000))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr and "--resume" in proc.stderr
+    assert not (part / "cpu-x86_64.json").exists()  # no cut-off report: the whole file or none
+    assert 0 < len(_results(part / "cpu-x86_64.jsonl")) < 5  # what was written is kept
+    assert main([*args, str(part), "--resume"]) == 0
+    assert main([*args, str(full)]) == 0
+    resumed, uninterrupted = (json.loads((d / "cpu-x86_64.json").read_text()) for d in (part, full))
+    assert _stable(resumed) == _stable(uninterrupted)

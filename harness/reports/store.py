@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ class JsonlSink:
         self._fh = path.open("a", encoding="utf-8")
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(clean_json(record), allow_nan=False, default=_json_default) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(clean_json(record), allow_nan=False, default=_json_default) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk: name the file (a write error carries none); resume cuts the torn line
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self._fh.close()
@@ -215,10 +219,21 @@ def write_report(out: Path, report: dict[str, Any], markdown: str) -> Path:
     """`<label>.json` and `<label>.md` in `out`; returns the Markdown's path."""
     label = report["fingerprint"].get("device_label", "unknown")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{label}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    write_atomically(out / f"{label}.json", json.dumps(report, indent=1, allow_nan=False))
     md = out / f"{label}.md"
-    md.write_text(markdown)
+    write_atomically(md, markdown)
     return md
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The whole file or, when the disk fills, the previous one untouched: never a cut-off JSON."""
+    part = path.with_name(path.name + ".part")
+    try:
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, path)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def stream_path(out: Path, label: str) -> Path:
