@@ -77,44 +77,44 @@ def read_stream(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_stream_strict(path: Path) -> list[dict[str, Any]]:
-    """Records of a finished stream, every line checked (JSON, then the stream schema): what a merge
-    trusts. A bad line, a torn last one included, is a StreamError naming the file and line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StreamError(f"{path}: corrupt stream ({type(exc).__name__}: {exc})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StreamError(f"{path}:{n}: corrupt stream (not JSON: {exc.msg})") from None
-        problem = first_error(record, "stream")
-        if problem:
-            raise StreamError(f"{path}:{n}: corrupt stream ({problem})")
-        records.append(record)
-    return records
-
-
-def read_stream_checked(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every record of a stream that is valid JSON, UTF-8 and of the stream schema, and one line per line
-    passed over (its number and why): what a resumed run continues from and reports."""
-    records, skipped = [], []
+def _validated(path: Path) -> list[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record or None, why not) for every non-empty line: JSON, UTF-8, the stream schema."""
+    rows: list[tuple[int, dict[str, Any] | None, str]] = []
     for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
             record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            skipped.append(f"line {n}: not a JSON record ({type(exc).__name__})")
+        except UnicodeDecodeError as exc:
+            rows.append((n, None, f"not UTF-8: {exc.reason}"))
+            continue
+        except json.JSONDecodeError as exc:
+            rows.append((n, None, f"not JSON: {exc.msg}"))
             continue
         problem = first_error(record, "stream")
-        if problem:
-            skipped.append(f"line {n}: {problem}")
-            continue
-        records.append(record)
-    return records, skipped
+        rows.append((n, None, problem) if problem else (n, record, ""))
+    return rows
+
+
+def read_stream_strict(path: Path) -> list[dict[str, Any]]:
+    """Records of a finished stream, every line checked: what a merge trusts. A bad line, a torn last one
+    included, is a StreamError naming the file and line."""
+    try:
+        rows = _validated(path)
+    except OSError as exc:
+        raise StreamError(f"{path}: corrupt stream ({type(exc).__name__}: {exc})") from None
+    for n, record, problem in rows:
+        if record is None:
+            raise StreamError(f"{path}:{n}: corrupt stream ({problem})")
+    return [record for _, record, _ in rows if record is not None]
+
+
+def read_stream_checked(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The valid records of a stream, and one line per line passed over (its number and why): what a
+    resumed run continues from and reports."""
+    rows = _validated(path)
+    return ([record for _, record, _ in rows if record is not None],
+            [f"line {n}: {problem}" for n, record, problem in rows if record is None])
 
 
 def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
