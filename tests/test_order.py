@@ -79,3 +79,39 @@ def test_layout_siblings_run_back_to_back_and_shuffle_is_seeded():
     shuffled = [c for c, _ in plan_work(_plan(cases, impls, shuffle=3))]
     positions = [i for i, c in enumerate(shuffled) if layout_sibling_key(c) in keys]
     assert positions == list(range(positions[0], positions[0] + 3))  # siblings stay together
+
+
+def test_one_fail_per_signature_is_re_run_alone_and_stands_for_the_rest():
+    """A layout bug fails most cases the same way: one fresh-process check per (implementation, tensor, rule)
+    that reproduced alone; later FAILs of that signature say which FAIL stood for them."""
+    from harness.core.results import ImplResult, TensorVerdict
+    from harness.run.order import OrderChecker, Pending
+
+    def fail(case_id, rules):
+        tensors = {t: TensorVerdict(t, Status.FAIL, rule) for t, rule in rules.items()}
+        return ImplResult(case_id=case_id, impl="k", status=Status.FAIL, tensors=tensors)
+
+    class Counting(OrderChecker):
+        def __init__(self, alone):
+            super().__init__(session())
+            self.alone, self.checked = alone, []
+
+        def check(self, p):
+            self.checked.append(p.result.case_id)
+            dependent = self.alone[p.result.case_id] == "PASS"
+            return {"checked": True, "alone": self.alone[p.result.case_id], "order_dependent": dependent,
+                    "summary": "order-dependent" if dependent else "reproduces alone in a fresh process"}
+
+    results = [fail("c1", {"dq": "row"}), fail("c2", {"dq": "row"}), fail("c3", {"dq": "row", "dk": "tensor"}),
+               fail("c4", {"dk": "tensor"}), fail("o1", {"out": "slice"}), fail("o2", {"out": "slice"})]
+    checker = Counting({"c1": "FAIL", "c2": "FAIL", "c3": "FAIL", "c4": "FAIL", "o1": "PASS", "o2": "FAIL"})
+    for r in results:
+        checker.pending.append(Pending(r, None, None, []))
+    streamed: list[dict] = []
+    notes = {r.case_id: r.notes["order"] for r in checker.finish(results, streamed.append)}
+    # c2 is covered by c1; c3 adds dk tensor, so it runs; c4 is then covered; o1 was order-dependent: o2 runs too
+    assert checker.checked == ["c1", "c3", "o1", "o2"]
+    assert notes["c2"] == {"checked": False, "same_as": [["c1", "k"]],
+                           "summary": "not re-run alone: the same failure (dq row) reproduces alone in c1 k"}
+    assert notes["c4"]["same_as"] == [["c3", "k"]] and not notes["c4"]["checked"]
+    assert len(streamed) == len(results)  # every FAIL carries an order note (resume reads it as checked)

@@ -187,7 +187,8 @@ def judge(refs: References, outputs: Outputs, tol: Tolerances, known: tuple[Know
                 verdicts[name] = apply_known(zero, known, case.id, case.group_size, where)
                 continue
             actual = actual.index_select(2, refs.rows.to(actual.device))
-        m = tensor_metrics(name, actual, truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name))
+        m = tensor_metrics(name, actual, truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name),
+                           refs.yardsticks.get(name))
         verdicts[name] = apply_known(judge_metrics(m, case.dtype, tol), known, case.id, case.group_size, where)
     return {**verdicts, **guard_verdicts(outputs.guard)}
 

@@ -7,6 +7,10 @@ fresh worker; if it passes there, the calls that preceded it in its worker are s
 for the shortest sequence that brings the failure back: each single preceding call (most
 recent first, the same implementation first), then the whole history, shrunk greedily.
 Every try is a fresh process. `gqa-harness replay --call SPEC@IMPL ...` replays one.
+One FAIL that reproduces alone stands for every later FAIL of the same signature (implementation,
+tensor, rule): a kernel with a layout bug fails most cases the same way, and re-running each of
+them alone (a fresh process each, up to 20 FAILs) cost minutes and told nothing new.
+A FAIL whose representative was order-dependent or unclear is still checked itself.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..implementations import Implementation, by_name
 from .session import Session, run_one
 from .worker import Call, Worker, WorkerCrash
 
-MAX_CHECKS = 20  # FAILs checked per run; each costs a few process starts
+MAX_CHECKS = 20  # FAILs of distinct signatures checked per run; each costs a few process starts
 MAX_TRIES = 8  # fresh processes per FAIL
 
 
@@ -88,11 +92,23 @@ class OrderChecker:
         self.pending.append(Pending(result, refs, impl, list(preceding)))
 
     def finish(self, results: list, sink: Callable[[dict[str, Any]], None]) -> list:
-        """Each checked FAIL is streamed again with notes["order"]; the report keeps the last record."""
+        """Each FAIL is streamed again with notes["order"]; the report keeps the last record."""
         updated = {}
-        for i, p in enumerate(self.pending):
-            verdict = self.check(p) if i < self.max_checks else {
-                "checked": False, "summary": f"not re-run alone: more than {self.max_checks} FAILs in this run"}
+        stands_for: dict[tuple[str, str, str], ImplResult] = {}  # signature -> a FAIL that reproduced alone
+        checks = 0
+        for p in self.pending:
+            signature = failure_signature(p.result)
+            if all(s in stands_for for s in signature):
+                verdict = same_failure(signature, stands_for)
+            elif checks < self.max_checks:
+                checks += 1
+                verdict = self.check(p)
+                if verdict.get("order_dependent") is False:
+                    for s in signature:
+                        stands_for.setdefault(s, p.result)
+            else:
+                verdict = {"checked": False,
+                           "summary": f"not re-run alone: more than {self.max_checks} distinct FAILs in this run"}
             new = replace(p.result, notes={**p.result.notes, "order": verdict})
             sink({"type": "result", **new.to_dict()})
             updated[(new.case_id, new.impl)] = new
@@ -141,6 +157,22 @@ class OrderChecker:
                         "replay": replay_command(seq, target, device)}
         return {**base, "order_dependent": None,
                 "summary": f"passes alone; no preceding sequence brought it back in {tries} fresh processes (flaky?)"}
+
+
+def failure_signature(result: ImplResult) -> frozenset[tuple[str, str, str]]:
+    """(implementation, tensor, rule) of each failing tensor; a FAIL without one (the global-state rule)
+    is (implementation, its error kind, "")."""
+    failing = {(result.impl, name, v.rule) for name, v in result.tensors.items() if v.status is Status.FAIL}
+    return frozenset(failing or {(result.impl, result.error_kind or "", "")})
+
+
+def same_failure(signature: frozenset[tuple[str, str, str]], stands_for: dict[tuple[str, str, str], ImplResult]) -> dict[str, Any]:
+    """The order note of a FAIL not re-run because FAILs of its signature reproduced alone."""
+    firsts = sorted({(stands_for[s].case_id, stands_for[s].impl) for s in signature})
+    what = ", ".join(f"{t} {r}".strip() for _, t, r in sorted(signature))
+    return {"checked": False, "same_as": [list(f) for f in firsts],
+            "summary": f"not re-run alone: the same failure ({what}) reproduces alone in "
+                       + "; ".join(f"{c} {i}" for c, i in firsts)}
 
 
 def replay(session: Session, calls: list[Call]) -> ImplResult:

@@ -20,6 +20,7 @@ from ..implementations.canary import CANARY_CASE
 from .order import OrderChecker
 from .pairs import family_judgements, pair_judgements, record
 from .session import CaseRunner, Session
+from .stages import StageClock, maybe
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,11 @@ def plan_work(plan: RunPlan) -> list[tuple[Case, list[Implementation]]]:
 
 def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]], None],
                  progress: Callable[[int, int, ImplResult], None] | None = None,
-                 done: set[tuple[str, str]] | None = None) -> list[ImplResult]:
-    """Run every (case, implementation), stream each record to `sink`, return the results."""
+                 done: set[tuple[str, str]] | None = None, clock: StageClock | None = None) -> list[ImplResult]:
+    """Run every (case, implementation), stream each record to `sink`, return the results. `clock`: where
+    the time went, stage by stage (stages.py), when the caller measures it."""
     done = done or set()
+    sink = clock.wrap("stream", sink) if clock else sink
     work = plan_work(plan)
     total = sum(len(impls) for _, impls in work)
     results: list[ImplResult] = []
@@ -131,7 +134,7 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
     rules = load_rules()
     checker = OrderChecker(session, plan.timeout, plan.log_dir) if plan.isolate and plan.order_check else None
     with CaseRunner(session, isolate=plan.isolate, timeout=plan.timeout, repeat=plan.repeat, log_dir=plan.log_dir,
-                    sink=with_sources(sink, plan.sources)) as runner:
+                    sink=with_sources(sink, plan.sources), clock=clock) as runner:
         for case, impls in work:
             todo = [i for i in impls if (case.id, i.name) not in done]
             count += len(impls) - len(todo)
@@ -146,10 +149,15 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
                 if progress:
                     progress(count, total, result)
             if todo and runner.refs is not None:  # the case ended: native GQA vs expanded K/V on it
-                for verdict in pair_judgements(session, rules, runner.refs, runner.outputs):
+                with maybe(clock, "pairs"):
+                    pairs = pair_judgements(session, rules, runner.refs, runner.outputs)
+                for verdict in pairs:
                     sink(record(verdict))
     if checker:
-        results = checker.finish(results, sink)
-    for verdict in family_judgements(session, rules, results, plan.cases):  # plan level: the trend rules
+        with maybe(clock, "order"):
+            results = checker.finish(results, sink)
+    with maybe(clock, "families"):
+        families = family_judgements(session, rules, results, plan.cases)
+    for verdict in families:  # plan level: the trend rules
         sink(record(verdict))
     return results

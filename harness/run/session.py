@@ -22,6 +22,7 @@ from ..implementations import DeviceFacts, Implementation, canaries, resolve
 from .env import device_facts, device_label, environment_versions, fingerprint, pin_process_state
 from .execute import Executor, Failure, capturing, execute
 from .memory import OomTracker, skip_reason
+from .stages import StageClock
 from .worker import Call, Worker, rebuildable
 
 
@@ -108,8 +109,10 @@ class CaseRunner:
     process when `isolate` (else, and for what a worker cannot rebuild, in this one)."""
 
     def __init__(self, session: Session, *, isolate: bool = False, timeout: float | None = None, repeat: int = 1,
-                 log_dir: Path | None = None, sink: Callable[[dict[str, Any]], None] | None = None):
+                 log_dir: Path | None = None, sink: Callable[[dict[str, Any]], None] | None = None,
+                 clock: StageClock | None = None):
         self.session = session
+        self.clock = clock  # the stage split, when measured (stages.py)
         self.repeat = repeat
         self.sink = sink  # receives each new case's record
         self.worker = Worker(session.device, session.facts.kind, timeout=timeout, repeat=repeat,
@@ -136,6 +139,8 @@ class CaseRunner:
         if case != self._case:
             self._case, self._too_big, self.outputs = case, skip_reason(case), {}
             self.refs = None if self._too_big else references(case)
+            for stage, (wall, cpu) in (self.refs.stages.items() if self.refs and self.clock else ()):
+                self.clock.add(stage, wall, cpu)
             if self.sink:
                 self.sink(case_record(case, self.refs))
         return self.refs
@@ -154,12 +159,37 @@ class CaseRunner:
                               status=Status.UNSUPPORTED if self._too_big else Status.ERROR,
                               error_kind="memory" if self._too_big else "oom")
         executor, self._isolated_last = self._executor(impl)
-        result = run_one(self.session, refs, impl, capturing(executor, self.outputs))
+        if self.clock is None:
+            result = run_one(self.session, refs, impl, capturing(executor, self.outputs))
+        else:
+            result = self._timed_run(refs, impl, executor)
         if result.error_kind == "oom":
             self._ooms.record(impl.name, case)
         if self.worker is not None and not self._isolated_last:
             result = replace(result, notes={**result.notes, "isolation": "ran in the parent process: a worker "
                                                                          "cannot rebuild this implementation by name"})
+        return result
+
+    def _timed_run(self, refs: References, impl: Implementation, executor: Executor) -> ImplResult:
+        """run_one with its time split: kernel (as the worker timed it), transfer (the rest of the call) and
+        judge (the rest of run_one: metrics and verdict)."""
+        call = [0.0, 0.0]
+
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                call[0], call[1] = time.perf_counter() - wall, time.process_time() - cpu
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = run_one(self.session, refs, impl, capturing(timed, self.outputs))
+        total = (time.perf_counter() - wall, time.process_time() - cpu)
+        kernel = self.worker.last_kernel if self._isolated_last and self.worker is not None else None
+        kernel = kernel or (call[0], call[1])  # in this process the whole call is the kernel's
+        self.clock.add("kernel", *kernel)
+        self.clock.add("transfer", max(0.0, call[0] - kernel[0]), call[1] if self._isolated_last else 0.0)
+        self.clock.add("judge", total[0] - call[0], total[1] - call[1])
         return result
 
     def preceding_calls(self) -> list[Call] | None:

@@ -101,12 +101,14 @@ def serve(task: dict[str, Any]) -> dict[str, Any]:
         inputs = make_inputs(Case(**task["case"]))
     except Exception as exc:  # noqa: BLE001 - reported like a raising kernel; the worker lives on
         return {"failure": asdict(failure_of(exc)), "sticky": False}
+    wall, cpu = time.perf_counter(), time.process_time()
     outcome = execute(impl, inputs, task["device"], task.get("repeat", 1))
+    kernel = (time.perf_counter() - wall, time.process_time() - cpu)  # the run's stage split (stages.py)
     if isinstance(outcome, Failure):
-        return {"failure": asdict(outcome), "sticky": is_sticky(outcome)}
+        return {"failure": asdict(outcome), "sticky": is_sticky(outcome), "kernel": kernel}
     buf = io.BytesIO()
     torch.save(outcome.__dict__, buf)
-    return {"outputs": buf.getvalue(), "hashes": inputs.hashes()}
+    return {"outputs": buf.getvalue(), "hashes": inputs.hashes(), "kernel": kernel}
 
 
 def die_with(parent_pid: int) -> None:
@@ -196,6 +198,7 @@ class Worker:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="gqa-worker-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[Call] = []  # calls since the current process started
+        self.last_kernel: tuple[float, float] | None = None  # (wall, CPU) seconds of the last call's kernel
         self.starts = 0
         self._proc = None
         self._conn = None
@@ -291,8 +294,10 @@ class Worker:
 
     def execute(self, impl: Implementation, inputs: Inputs, device: str) -> Outputs | Failure:
         """execute.execute's contract, across the process boundary."""
+        self.last_kernel = None
         try:
             reply = self.call(inputs.case, impl.name)
+            self.last_kernel = reply.get("kernel")
         except WorkerCrash as exc:  # the process died or hung: the kernel's doing, the run goes on
             words = last_words(exc.stderr)
             tail = f"; stderr: {words}" if words else ""
