@@ -328,8 +328,12 @@ def cmd_bench(args) -> int:
         raise UsageError("--memory-lengths and --gemm-sizes take comma lists of integers") from None
     if args.length < 1 or args.repeats < 1 or not sizes or any(n < 1 for n in (*lengths, *sizes)):
         raise UsageError("--length, --repeats, --memory-lengths and --gemm-sizes must be positive")
+    if (args.threads is not None and args.threads < 1) or args.simulate_threads < 1 or args.long_max_tokens < -1:
+        raise UsageError("--threads and --simulate-threads must be at least 1, --long-max-tokens at least -1")
     cfg = BenchConfig(length=args.length, repeats=args.repeats, memory_lengths=lengths,
-                      suite=None if args.suite == "none" else args.suite, device=args.device, gemm_sizes=sizes)
+                      suite=None if args.suite == "none" else args.suite, device=args.device, gemm_sizes=sizes,
+                      threads=args.threads, long_max_tokens=None if args.long_max_tokens == -1 else args.long_max_tokens,
+                      simulate_threads=args.simulate_threads)
     return bench_command(cfg, args.json, Path(args.out) if args.out else None, args.quiet)
 
 

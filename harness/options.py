@@ -217,5 +217,9 @@ def _lab_parsers(sub) -> None:
     bench.add_argument("--memory-lengths", default="1024,2048,4096,8192,16384", help="kv lengths for peak memory")
     bench.add_argument("--suite", default="smoke", help="suite to time ('none' to skip)")
     bench.add_argument("--gemm-sizes", default="512,1024,2048", help="square fp64 GEMM sizes; the best rate is the yardstick")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads for the whole bench (default: torch's)")
+    bench.add_argument("--long-max-tokens", type=int, default=16384,
+                       help="cap the long suite's lengths for its peak-memory rows (-1: full size, 0: skip)")
+    bench.add_argument("--simulate-threads", type=int, default=16, help="thread count of the work-split simulation")
     bench.add_argument("--out", default=None, help="also write bench.json/.md here")
     bench.add_argument("--quiet", action="store_true")

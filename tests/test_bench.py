@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from harness.lab.bench import MODEL_SHAPES, SCHEMA, memory_case, model_case
+from harness.core.case import Case
+from harness.core.sampling import sample_rows
+from harness.lab.bench import MODEL_SHAPES, SCHEMA, memory_case, model_case, oracle_peak
 from harness.cli import main
 
 
@@ -24,7 +26,8 @@ def test_bench_json_has_the_figures_and_one_ratio_per_head_dim(tmp_path, capsys)
     suite = tmp_path / "tiny.toml"
     suite.write_text("[[case]]\nb = 1\nhq = 2\nhkv = 1\nlq = 16\nd = 16\ndtype = 'bf16'\n")
     code = main(["bench", "--json", "--length", "32", "--repeats", "1", "--memory-lengths", "64",
-                 "--gemm-sizes", "64,128", "--suite", str(suite), "--quiet", "--out", str(tmp_path / "b")])
+                 "--gemm-sizes", "64,128", "--suite", str(suite), "--quiet", "--out", str(tmp_path / "b"),
+                 "--threads", "2", "--long-max-tokens", "0"])
     out = capsys.readouterr()
     assert code == 0, out.err
     report = json.loads(out.out)  # stdout is exactly one JSON object
@@ -41,9 +44,22 @@ def test_bench_json_has_the_figures_and_one_ratio_per_head_dim(tmp_path, capsys)
     assert {"wall_s", "references_s", "oracle_s", "implementations_s", "overhead_s", "cases", "results"} <= set(s)
     assert s["cases"] == 1 and s["results"] > 1  # every implementation, plus the canary
     assert "Oracle throughput" in (tmp_path / "b" / "bench.md").read_text()
+    assert report["threads"] == 2
+    assert report["long_memory"] == {"max_tokens": 0, "cases": []}  # 0 skips it; measured below
+    split = report["work_split"]
+    assert split["threads"] == [2, 16] and {"units", "parts", "efficiency_2", "efficiency_16"} <= set(split["cases"][0])
+
+
+def test_long_case_peak_memory_is_the_row_sampled_oracles():
+    case = Case(1, 4, 2, 2048, 2048, 32, causal="top-left", long=True)
+    got = oracle_peak(case)
+    assert got["rows"] == len(sample_rows(case).checked) < case.q_len and got["peak_bytes"] >= 0, got
 
 
 def test_bench_rejects_bad_lengths_in_one_line(capsys):
     assert main(["bench", "--memory-lengths", "1k"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--memory-lengths" in err
+    assert main(["bench", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--threads" in err

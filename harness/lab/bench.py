@@ -8,7 +8,10 @@
     the peak resident set (VmHWM) is taken over the resident set just
     before the oracle, so the figure is the oracle's own (fp64 copies, outputs, blocks);
 (c) wall time of a suite through the runner, split into references (inputs, fp64 oracle,
-    low-precision designs), of which the oracle alone, implementations, and overhead.
+    low-precision designs), of which the oracle alone, implementations, and overhead;
+(d) the row-sampled oracle's peak memory on the `long` suite's shapes (capped by long_max_tokens);
+(e) the oracle's work split (units, parts) and its balance simulated on 2 and `simulate_threads`
+    threads for the throughput shapes and the `models` suite: a projection where no such host is at hand.
 Timings on a shared machine are noisy: every timing is the best of `repeats` runs.
 """
 
@@ -27,8 +30,10 @@ from tabulate import tabulate
 
 from ..core.case import Case, case_spec, parse_case_spec
 from ..core.inputs import make_inputs
-from ..core.oracle import oracle
-from ..core.suites import load_suite
+from ..core.sampling import sample_rows
+from ..core.oracle import oracle, work_plan
+from ..core.suites import load_suite, select_cases
+from ..core.workplan import simulate
 from ..run.env import device_facts, fingerprint
 from ..run.plan import RunPlan, canary_cases, execute_plan
 from ..run.session import Session
@@ -48,6 +53,9 @@ class BenchConfig:
     suite: str | None = "smoke"
     device: str | None = None
     gemm_sizes: tuple[int, ...] = GEMM_SIZES
+    threads: int | None = None  # torch's thread count for the whole bench (None: torch's default)
+    long_max_tokens: int | None = 16384  # the long suite's shapes capped at this length (None: full size, 0: skip)
+    simulate_threads: int = 16
 
 
 def model_case(head_dim: int, length: int) -> Case:
@@ -116,10 +124,11 @@ def _peak_child(spec: str, conn) -> None:
     case = parse_case_spec(spec)
     warm_up()  # MKL and OpenMP map their code and thread stacks on first use: not the oracle's memory
     inputs = make_inputs(case)
+    rows = inputs.sample.checked if inputs.sample is not None else None  # a long case: the row-sampled oracle
     before = _rss_bytes()
     _reset_hwm()
     start = time.perf_counter()
-    oracle(inputs)
+    oracle(inputs, rows=rows)
     seconds = time.perf_counter() - start
     peak = _hwm_bytes()
     conn.send({"peak_bytes": max(0, peak - before), "seconds": seconds})
@@ -143,9 +152,11 @@ def oracle_peak(case: Case) -> dict[str, Any]:
     if proc.exitcode != 0 or not got:
         return {"case_id": case.id, "kv_len": case.kv_len, "q_len": case.q_len, "error": f"exit code {proc.exitcode}"}
     # fp64 arrays the oracle must hold whatever its blocking: its copies of q, k, v, dO and the outputs
+    # (of a long case's checked rows only)
     d = case.head_dim
-    arrays = 8 * 2 * d * (case.batch * case.q_heads * case.q_len * 2 + case.batch * case.kv_heads * case.kv_len * 2)
-    return {"case_id": case.id, "kv_len": case.kv_len, "q_len": case.q_len, "peak_bytes": got["peak_bytes"],
+    rows = len(sample_rows(case).checked) if case.long else case.q_len
+    arrays = 8 * 2 * d * (case.batch * case.q_heads * rows * 2 + case.batch * case.kv_heads * case.kv_len * 2)
+    return {"case_id": case.id, "kv_len": case.kv_len, "q_len": case.q_len, "rows": rows, "peak_bytes": got["peak_bytes"],
             "array_bytes": arrays, "workspace_bytes": got["peak_bytes"] - arrays, "seconds": got["seconds"]}
 
 
@@ -173,7 +184,27 @@ def suite_split(suite: str, device: str | None) -> dict[str, Any]:
             "overhead_s": max(0.0, wall - refs - impl_s)}
 
 
+def work_split(cases: list[Case], threads: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Each case's oracle units and their balance simulated on `threads` (costs: logits computed)."""
+    rows = []
+    for case in cases:
+        plan = work_plan(case, sample_rows(case).checked if case.long else None)
+        rows.append({"case_id": case.id, "units": len(plan.units), "parts": plan.parts,
+                     **{f"efficiency_{n}": round(simulate(plan, n).efficiency, 4) for n in threads}})
+    return rows
+
+
+def long_memory(max_tokens: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    for sc in select_cases(["long"], max_tokens=max_tokens):
+        log(f"peak memory {sc.case.id}")
+        out.append(oracle_peak(sc.case))
+    return out
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     log("fp64 GEMM rate")
     gemm = gemm_rates(cfg.repeats, cfg.gemm_sizes)
     throughput = []
@@ -191,6 +222,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         case = memory_case(kv_len, cfg.memory_q_len)
         log(f"peak memory {case.id}")
         memory.append(oracle_peak(case))
+    long = long_memory(cfg.long_max_tokens, log) if cfg.long_max_tokens != 0 else []
+    sims = (2, cfg.simulate_threads)
+    split = work_split([model_case(d, cfg.length) for d in sorted(MODEL_SHAPES)]
+                       + [sc.case for sc in load_suite("models")], sims)
     suite = suite_split(cfg.suite, cfg.device) if cfg.suite else None
     by_d = {str(r["head_dim"]): r for r in throughput}
     main = by_d["128"]
@@ -209,6 +244,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         "gemm": {"sizes": {str(n): r for n, r in gemm.items()}, "sizes_after": {str(n): r for n, r in gemm_after.items()}},
         "throughput": throughput,
         "memory": memory,
+        "long_memory": {"max_tokens": cfg.long_max_tokens, "cases": long},
+        "work_split": {"threads": list(sims), "cases": split},
         "suite": suite,
     }
 
@@ -231,6 +268,7 @@ def render_bench(report: dict[str, Any]) -> str:
               "Peak resident set over the resident set before the oracle, in a fresh process; arrays = the fp64 "
               "q, k, v, dO and outputs any oracle must hold; workspace = the rest (blocks, temporaries).", "",
               tabulate(rows, headers=["case", "kv_len", "peak", "arrays", "workspace", ""], tablefmt="github"), ""]
+    lines += _long_and_split(report)
     s = report["suite"]
     if s:
         rows = [[s["suite"], s["cases"], s["results"], f"{s['wall_s']:.1f}", f"{s['references_s']:.1f}",
@@ -239,6 +277,25 @@ def render_bench(report: dict[str, Any]) -> str:
                   tabulate(rows, headers=["suite", "cases", "results", "wall", "references", "of which oracle",
                                           "implementations", "overhead"], tablefmt="github"), ""]
     return "\n".join(lines)
+
+
+def _long_and_split(report: dict[str, Any]) -> list[str]:
+    lines = []
+    long = report.get("long_memory") or {}
+    if long.get("cases"):
+        cap = long["max_tokens"]
+        rows = [[m["case_id"], m.get("rows", ""), _gib(m.get("peak_bytes")), _gib(m.get("array_bytes")),
+                 f"{m['seconds']:.2f}" if "seconds" in m else "", m.get("error", "")] for m in long["cases"]]
+        lines += [f"## Row-sampled oracle peak memory, `long` suite ({f'lengths capped at {cap}' if cap else 'full size'})",
+                  "", tabulate(rows, headers=["case", "rows", "peak", "arrays", "s", ""], tablefmt="github"), ""]
+    split = report.get("work_split") or {}
+    if split.get("cases"):
+        n = split["threads"]
+        rows = [[c["case_id"], c["units"], c["parts"], *(f"{c[f'efficiency_{t}']:.2f}" for t in n)] for c in split["cases"]]
+        lines += ["## Oracle work split: units and their balance, simulated", "",
+                  "Efficiency = total work / (threads x the busiest thread's work), units handed out longest first.", "",
+                  tabulate(rows, headers=["case", "units", "parts", *(f"{t} threads" for t in n)], tablefmt="github"), ""]
+    return lines
 
 
 def bench_command(cfg: BenchConfig, as_json: bool, out, quiet: bool) -> int:
