@@ -39,9 +39,12 @@ def _plain_fp32(query, key, value, attn_mask, is_causal, scale, zero_dead_rows: 
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-    p = torch.softmax(s, -1)
-    if zero_dead_rows:
-        p = p.nan_to_num(0.0)  # all-masked rows are zero, as torch defines them
+    if not zero_dead_rows:
+        return (torch.softmax(s, -1) @ v).to(query.dtype)
+    # all-masked rows are zero with zero gradient, as torch defines them; masking the row before the
+    # softmax (not nan_to_num after it) keeps its NaN out of the backward too
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
     return (p @ v).to(query.dtype)
 
 
