@@ -333,7 +333,12 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(length=args.length, repeats=args.repeats, memory_lengths=lengths,
                       suite=None if args.suite == "none" else args.suite, device=args.device, gemm_sizes=sizes,
                       threads=args.threads, long_max_tokens=None if args.long_max_tokens == -1 else args.long_max_tokens,
-                      simulate_threads=args.simulate_threads)
+                      simulate_threads=args.simulate_threads, suite_only=args.suite_only,
+                      suite_max_tokens=args.max_tokens)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    if args.suite_only and cfg.suite is None:
+        raise UsageError("--suite-only needs a suite (--suite NAME, not none)")
     return bench_command(cfg, args.json, Path(args.out) if args.out else None, args.quiet)
 
 

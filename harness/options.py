@@ -216,6 +216,8 @@ def _lab_parsers(sub) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     bench.add_argument("--memory-lengths", default="1024,2048,4096,8192,16384", help="kv lengths for peak memory")
     bench.add_argument("--suite", default="smoke", help="suite to time ('none' to skip)")
+    bench.add_argument("--suite-only", action="store_true", help="only the suite's wall and CPU split by stage")
+    bench.add_argument("--max-tokens", type=int, default=None, help="cap the suite's lengths (as run --max-tokens)")
     bench.add_argument("--gemm-sizes", default="512,1024,2048", help="square fp64 GEMM sizes; the best rate is the yardstick")
     bench.add_argument("--threads", type=int, default=None, help="torch threads for the whole bench (default: torch's)")
     bench.add_argument("--long-max-tokens", type=int, default=16384,

@@ -63,3 +63,18 @@ def test_bench_rejects_bad_lengths_in_one_line(capsys):
     assert main(["bench", "--threads", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--threads" in err
+
+
+def test_suite_only_splits_a_run_by_stage_and_its_json_is_a_valid_bench_file(tmp_path, capsys):
+    from harness.reports.schema import first_error
+
+    suite = tmp_path / "tiny.toml"
+    suite.write_text("[[case]]\nb = 1\nhq = 2\nhkv = 1\nlq = 16\nd = 16\ndtype = 'bf16'\n")
+    assert main(["bench", "--suite-only", "--suite", str(suite), "--device", "cpu", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "throughput" not in report and first_error(report, "bench") is None
+    s = report["suite"]
+    assert {"inputs", "oracle", "lowprec", "dterm", "yardsticks", "kernel", "transfer", "judge", "stream"} <= set(s["stages"])
+    assert s["statuses"]["PASS"] >= 1 and sum(s["statuses"].values()) == s["results"]
+    assert main(["bench", "--suite-only", "--suite", "none"]) == 2
+    assert "--suite-only" in capsys.readouterr().err

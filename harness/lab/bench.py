@@ -21,8 +21,11 @@ import json
 import multiprocessing
 import resource
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,14 +37,17 @@ from ..core.sampling import sample_rows
 from ..core.oracle import oracle, work_plan
 from ..core.suites import load_suite, select_cases
 from ..core.workplan import simulate
+from ..reports.store import JsonlSink
 from ..run.env import device_facts, fingerprint
-from ..run.plan import RunPlan, canary_cases, execute_plan
+from ..run.plan import RunPlan, execute_plan
 from ..run.session import Session
+from ..run.stages import StageClock
 
 SCHEMA = "gqa-harness-bench/1"
 # Real model geometries, causal prefill, B = 1: Llama-3.2-1B (d64), Llama-3-8B (d128), Gemma-2-9B (d256).
 MODEL_SHAPES = {64: ("llama-3.2-1b", 32, 8), 128: ("llama-3-8b", 32, 8), 256: ("gemma-2-9b", 16, 8)}
 GEMM_SIZES = (512, 1024, 2048)
+REFERENCE_STAGES = ("inputs", "oracle", "lowprec", "dterm", "yardsticks")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class BenchConfig:
     threads: int | None = None  # torch's thread count for the whole bench (None: torch's default)
     long_max_tokens: int | None = 16384  # the long suite's shapes capped at this length (None: full size, 0: skip)
     simulate_threads: int = 16
+    suite_only: bool = False  # only the suite's stage split: no throughput, memory or work split
+    suite_max_tokens: int | None = None  # the suite's lengths capped (as `run --max-tokens`)
 
 
 def model_case(head_dim: int, length: int) -> Case:
@@ -160,28 +168,31 @@ def oracle_peak(case: Case) -> dict[str, Any]:
             "array_bytes": arrays, "workspace_bytes": got["peak_bytes"] - arrays, "seconds": got["seconds"]}
 
 
-def suite_split(suite: str, device: str | None) -> dict[str, Any]:
-    """One pass of `suite` through the runner, with its wall time split by where it went."""
+def suite_split(suite: str, device: str | None, max_tokens: int | None = None) -> dict[str, Any]:
+    """One pass of `suite` through the runner as `gqa-harness run` makes it (kernels in the isolated worker,
+    the stream written to a JSONL file), with its wall and CPU time split by stage (run/stages.py)."""
     session = Session.open(device)
-    cases = [sc.case for sc in load_suite(suite)]
+    cases = [sc.case for sc in select_cases([suite], max_tokens=max_tokens)]
     impls, _ = session.resolve([])
-    plan = RunPlan(cases=tuple(cases), impls=tuple(impls), canaries=tuple(session.canaries()))
-    records: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    results = execute_plan(session, plan, records.append)
-    wall = time.perf_counter() - start
-    refs = sum(r.get("oracle_seconds", 0.0) for r in records if r.get("type") == "case")
+    plan = RunPlan(cases=tuple(cases), impls=tuple(impls), canaries=tuple(session.canaries()), isolate=True)
+    clock = StageClock()
+    with tempfile.TemporaryDirectory(prefix="gqa-bench-") as tmp:
+        sink = JsonlSink(Path(tmp) / "stream.jsonl")
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            results = execute_plan(session, plan, sink, clock=clock)
+        finally:
+            sink.close()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    stages = clock.to_dict()
+    refs = sum(stages[s]["wall_s"] for s in REFERENCE_STAGES if s in stages)
     impl_s = sum(r.seconds for r in results)
-    # the runner times references as a whole; the fp64 oracle's share is timed apart, once per case
-    oracle_s = 0.0
-    for case in [*cases, *(canary_cases(cases) if plan.canaries else [])]:
-        inputs = make_inputs(case)
-        t0 = time.perf_counter()
-        oracle(inputs)
-        oracle_s += time.perf_counter() - t0
-    return {"suite": suite, "device": session.device, "cases": len(cases), "results": len(results), "wall_s": wall,
-            "references_s": refs, "oracle_s": oracle_s, "implementations_s": impl_s,
-            "overhead_s": max(0.0, wall - refs - impl_s)}
+    counted = sum(v["wall_s"] for v in stages.values())
+    return {"suite": suite, "max_tokens": max_tokens, "device": session.device, "cases": len(cases),
+            "results": len(results), "wall_s": wall, "cpu_s": cpu, "references_s": refs,
+            "oracle_s": stages.get("oracle", {}).get("wall_s", 0.0), "implementations_s": impl_s,
+            "overhead_s": max(0.0, wall - refs - impl_s), "stages": stages, "unaccounted_s": max(0.0, wall - counted),
+            "statuses": dict(sorted(Counter(str(r.status) for r in results).items()))}
 
 
 def work_split(cases: list[Case], threads: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -202,9 +213,19 @@ def long_memory(max_tokens: int | None, log: Callable[[str], None]) -> list[dict
     return out
 
 
+def suite_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """`bench --suite-only`: the suite's stage split alone, fingerprinted with the device it ran on."""
+    log(f"suite {cfg.suite} on {cfg.device or 'the default device'}")
+    return {"schema": SCHEMA, "fingerprint": fingerprint(device_facts(cfg.device)), "threads": torch.get_num_threads(),
+            "note": "suite stage split only (--suite-only); wall and CPU seconds of one pass, the machine may be shared",
+            "suite": suite_split(cfg.suite, cfg.device, cfg.suite_max_tokens)}
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.suite_only and cfg.suite:
+        return suite_bench(cfg, log)
     log("fp64 GEMM rate")
     gemm = gemm_rates(cfg.repeats, cfg.gemm_sizes)
     throughput = []
@@ -226,7 +247,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
     sims = (2, cfg.simulate_threads)
     split = work_split([model_case(d, cfg.length) for d in sorted(MODEL_SHAPES)]
                        + [sc.case for sc in load_suite("models")], sims)
-    suite = suite_split(cfg.suite, cfg.device) if cfg.suite else None
+    suite = suite_split(cfg.suite, cfg.device, cfg.suite_max_tokens) if cfg.suite else None
     by_d = {str(r["head_dim"]): r for r in throughput}
     main = by_d["128"]
     peaks = [m["peak_bytes"] for m in memory if "peak_bytes" in m]
@@ -254,8 +275,22 @@ def _gib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def render_stages(s: dict[str, Any]) -> list[str]:
+    """The suite's wall and CPU seconds per stage, and per case."""
+    cases = max(1, s["cases"])
+    rows = [[name, f"{v['wall_s']:.2f}", f"{v['cpu_s']:.2f}", f"{1000 * v['wall_s'] / cases:.0f}",
+             f"{100 * v['wall_s'] / s['wall_s']:.0f}%" if s["wall_s"] else ""] for name, v in s["stages"].items()]
+    rows.append(["(not in a stage)", f"{s['unaccounted_s']:.2f}", "", "", ""])
+    return [f"## Suite `{s['suite']}` by stage ({s['cases']} cases, {s['results']} results, wall {s['wall_s']:.1f} s, "
+            f"CPU {s.get('cpu_s', 0.0):.1f} s of this process; kernel CPU is the worker's)", "",
+            tabulate(rows, headers=["stage", "wall s", "CPU s", "wall ms/case", "of wall"], tablefmt="github"), ""]
+
+
 def render_bench(report: dict[str, Any]) -> str:
     fp = report["fingerprint"]
+    if "throughput" not in report:  # --suite-only
+        return "\n".join([f"# gqa-harness bench, suite only ({fp['cpu']}, {report['threads']} threads, torch {fp['torch']})",
+                          "", *render_stages(report["suite"])])
     lines = [f"# gqa-harness bench ({fp['cpu']}, {report['threads']} threads, torch {fp['torch']})", "",
              f"{report['note']}. Best square fp64 torch.matmul: {report['gemm_gflops']:.1f} GFLOP/s.", ""]
     rows = [[r["model"], r["case_id"], f"{r['flops'] / 1e9:.1f}", f"{r['seconds']:.2f}", f"{r['gflops']:.2f}",
@@ -276,6 +311,7 @@ def render_bench(report: dict[str, Any]) -> str:
         lines += ["## Suite wall time (s)", "",
                   tabulate(rows, headers=["suite", "cases", "results", "wall", "references", "of which oracle",
                                           "implementations", "overhead"], tablefmt="github"), ""]
+        lines += render_stages(s) if s.get("stages") else []
     return "\n".join(lines)
 
 
