@@ -55,10 +55,10 @@ class Case:
     values: str = "normal"
     seed: int = 0
     grads: bool = True
+    guard: str = "none"
     # long context: grad_out is zero off a sample of query rows and the oracle computes only those
     # rows (core/sampling.py), so its cost is O(rows x Lk), not O(Lq x Lk)
     long: bool = False
-    guard: str = "none"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -173,10 +173,10 @@ def case_id(case: Case) -> str:
         parts.append(case.values)
     if not case.grads:
         parts.append("fwd")
-    if case.long:
-        parts.append("long")
     if case.guard != "none":
         parts.append(f"guard-{case.guard}")
+    if case.long:
+        parts.append("long")
     parts.append(f"s{case.seed}")
     return "-".join(p for p in parts if p)
 
