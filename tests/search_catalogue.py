@@ -4,10 +4,10 @@ shrinks to, and examples per minute; then the correct implementations searched w
     python -m tests.search_catalogue [--out DIR] [--shrink-budget S]    # ~10-20 minutes on 2 CPU cores
     python -m tests.search_catalogue --part suites                       # each kernel on smoke/models/edge
 
-Each kernel is searched alone, in a fresh `gqa-harness search` process (worker start-up counted), in
-its group's space from tests/search_kernels.py (seed 0, at most 150 examples, stopping at the first
-finding). Time to find is the finding's `found_after_s` (from the search's start, canary included);
-examples per minute are those up to the finding (start-up and canary included, shrinking not).
+The kernels of each space of tests/search_kernels.py are searched together, as tests/test_search.py
+does (one oracle per example for all; seed 0, at most 150 examples), in a fresh `gqa-harness search`
+process; a kernel's time to find is its first finding's `found_after_s` (from the search's start:
+worker start-up, canary and earlier shrinks included), then its found.toml runs under `run --suite`.
 Prints one Markdown table (docs/benchmarks-calibration.md keeps it) and exits 1 when a kernel is not
 found or a correct implementation gives a finding.
 
@@ -39,7 +39,7 @@ CORRECT = ("sdpa-math", "expanded-kv-math", "tests.wrong_kernels:fp32_reference"
 
 
 def search(impls: list[str], options: tuple[str, ...], out: Path, shrink_budget: float, first_only: bool) -> dict:
-    """One `gqa-harness search` in a fresh process; its report's search section."""
+    """One `gqa-harness search` in a fresh process; its report's search section (examples per minute in it)."""
     argv = [sys.executable, "-m", "harness.cli", "search", "--device", "cpu", "--budget", "1800",
             "--max-examples", str(SEARCH_EXAMPLES), "--seed", str(SEARCH_SEED), "--shrink-budget", str(shrink_budget),
             "--quiet", *options, "--out", str(out)]
@@ -48,15 +48,23 @@ def search(impls: list[str], options: tuple[str, ...], out: Path, shrink_budget:
     return json.loads((out / f"{LABEL}.json").read_text())["search"]
 
 
-def kernel_row(name: str, s: dict) -> str:
-    if not s["findings"]:
-        return f"| `{name}` | not found in {s['examples']} examples | | | | {s['examples_per_minute']} |"
-    f = s["findings"][0]
+def run_found(out: Path, impls: list[str]) -> set[str]:
+    """The implementations failing an entry of the search's found.toml under `gqa-harness run --suite`."""
+    argv = [sys.executable, "-m", "harness.cli", "run", "--device", "cpu", "--suite", str(out / "found.toml"),
+            "--in-process", "--quiet", "--out", str(out / "found-run")] + [a for i in impls for a in ("--impl", i)]
+    subprocess.run(argv, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    results = json.loads((out / "found-run" / f"{LABEL}.json").read_text())["results"]
+    return {r["impl"] for r in results if r["status"] == "FAIL"}
+
+
+def kernel_row(name: str, mine: list[dict], s: dict, fails_in_run: bool) -> str:
+    if not mine:
+        return f"| `{name}` | not found in {s['examples']} examples | | | | |"
+    f = mine[0]
     shrink = f"{f['shrink_s']:.0f} s, {f['shrink_evaluations']} runs" + ("" if f["shrink_complete"] else ", cut off")
     confirmed = "confirmed" if f["confirmed"] else f"NOT confirmed ({f['confirm_status']})"
-    rate = round(60 * f["found_after_examples"] / f["found_after_s"], 1) if f["found_after_s"] else None
     return (f"| `{name}` | {f['found_after_s']:.0f} s ({f['found_after_examples']} examples) | `{f['spec']}` | "
-            f"{f['summary']}, {confirmed} | {shrink} | {rate} |")
+            f"{f['summary']}, {confirmed} | {shrink} | {'FAIL' if fails_in_run else 'not FAIL'} |")
 
 
 def _same(a, b) -> bool:
@@ -98,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 1 if any(not line.endswith("| none |") for line in lines[2:]) else 0
     out = args.out or Path(tempfile.mkdtemp(prefix="gqa-catalogue-"))
-    lines = ["| kernel | time to find (examples) | shrunk case | failure | shrink | examples/min |", "|---|---|---|---|---|---|"]
+    lines = ["| kernel | time to find (examples) | shrunk case | failure | shrink | found.toml under run |",
+             "|---|---|---|---|---|---|"]
     missed = 0
-    for _, (names, options) in SEARCHES.items() if args.part != "correct" else ():
-        for name in [n for n in names if not args.only or n in args.only]:
-            s = search([f"tests.search_kernels:{name}"], options, out / name, args.shrink_budget, first_only=True)
-            missed += not s["findings"]
-            lines.append(kernel_row(name, s))
+    for group, (names, options) in SEARCHES.items() if args.part != "correct" else ():
+        names = [n for n in names if not args.only or n in args.only]
+        if not names:
+            continue
+        impls = [f"tests.search_kernels:{n}" for n in names]
+        s = search(impls, options, out / group, args.shrink_budget, first_only=False)
+        failing = run_found(out / group, impls)
+        for name, impl in zip(names, impls):
+            mine = [f for f in s["findings"] if f["impl"] == impl]
+            missed += not mine or impl not in failing
+            lines.append(kernel_row(name, mine, s, impl in failing))
             print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", "| correct implementations, space | examples | findings | examples/min |", "|---|---|---|---|"]
     for group, (_, options) in SEARCHES.items() if args.part != "kernels" else ():
