@@ -40,3 +40,23 @@ def test_the_yardstick_gives_bitwise_the_metrics_of_judging_from_scratch():
                 for level in LEVELS:
                     assert torch.equal(fresh.levels[level].ratio, kept.levels[level].ratio)
                     assert torch.equal(kept.levels[level].lowprec, _full_envelope(truth, refs.lowprec[name], level))
+
+
+def test_metrics_are_bitwise_the_same_on_one_thread_and_on_two():
+    """Small tensors are measured on one thread (metrics.ONE_THREAD_BELOW): it must not change a bit."""
+    from harness.core import metrics
+
+    refs = cached_references(CASES[0])
+    previous = torch.get_num_threads()
+    try:
+        for name, truth in refs.oracle.items():
+            actual = (truth * (1 + 1e-3 * torch.randn_like(truth))).bfloat16()
+            got = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                ys = metrics._yardstick(name, truth, refs.lowprec[name], refs.inputs, refs.row_noise.get(name))
+                got.append(metrics._tensor_metrics(name, actual, truth, refs.lowprec[name], refs.inputs, None, ys))
+            assert got[0].to_dict() == got[1].to_dict()
+            assert all(torch.equal(got[0].levels[lv].ratio, got[1].levels[lv].ratio) for lv in LEVELS)
+    finally:
+        torch.set_num_threads(previous)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,10 @@ from .inputs import Inputs, torch_dtype
 from .oracle import softmax_scale
 
 LEVELS = ("tensor", "slice", "row")
+# Tensors below this many elements are measured on one thread: an OpenMP fork/join per small op costs more
+# than it gains, and far more on a loaded machine (smoke's yardsticks: 1.07 s CPU per case at 2 threads,
+# 0.04 s at 1; docs/benchmarks-calibration.md). The same bits either way (tests/test_yardstick.py).
+ONE_THREAD_BELOW = 2**20
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -184,7 +189,7 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inputs: Inputs,
+def _yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inputs: Inputs,
               row_noise: torch.Tensor | None = None) -> Yardstick:
     """The implementation-independent half of `tensor_metrics` (same arithmetic, same order)."""
     dtype = torch_dtype(inputs.case)
@@ -213,12 +218,12 @@ def yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inpu
     return Yardstick(o, o_finite, levels, int((~o_finite).sum()), float(o_clean.abs().max()) if o.numel() else 0.0)
 
 
-def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
+def _tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
                    inputs: Inputs, row_noise: torch.Tensor | None = None, ys: Yardstick | None = None) -> TensorMetrics:
     """`actual` must already have the oracle's shape (the verdict checks the contract first).
     `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py).
     `ys`: the case's yardstick for this tensor, when the caller kept it (else computed here)."""
-    ys = ys if ys is not None else yardstick(name, oracle, lowprec, inputs, row_noise)
+    ys = ys if ys is not None else _yardstick(name, oracle, lowprec, inputs, row_noise)
     a = actual.detach().to("cpu", torch.float64)
     o, o_finite = ys.oracle, ys.finite
     a_finite = torch.isfinite(a)
@@ -246,3 +251,33 @@ def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpre
         max_abs_err=float(abs_diff.max()) if abs_diff.numel() else 0.0,
         nonfinite_where={} if clean else where_nonfinite(~a_finite & o_finite),
     )
+
+
+@contextmanager
+def _threads_for(elements: int):
+    """One torch thread while measuring a tensor below ONE_THREAD_BELOW elements; put back after."""
+    previous = torch.get_num_threads()
+    if elements >= ONE_THREAD_BELOW or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inputs: Inputs,
+              row_noise: torch.Tensor | None = None) -> Yardstick:
+    """The implementation-independent half of `tensor_metrics` (same arithmetic, same order)."""
+    with _threads_for(oracle.numel()):
+        return _yardstick(name, oracle, lowprec, inputs, row_noise)
+
+
+def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
+                   inputs: Inputs, row_noise: torch.Tensor | None = None, ys: Yardstick | None = None) -> TensorMetrics:
+    """`actual` must already have the oracle's shape (the verdict checks the contract first).
+    `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py).
+    `ys`: the case's yardstick for this tensor, when the caller kept it (else computed here)."""
+    with _threads_for(oracle.numel()):
+        return _tensor_metrics(name, actual, oracle, lowprec, inputs, row_noise, ys)
