@@ -128,16 +128,23 @@ def test_host_facts_may_differ_between_the_machines_of_a_pool(runs, tmp_path, ca
     assert [p["host"]["cpu"] for p in merged["settings"]["merged"]["from"]][-1] == "another CPU"
 
 
-def test_an_interrupted_shard_is_refused_unless_partial(runs, tmp_path, capsys):
+def test_an_interrupted_shard_is_refused_unless_partial_and_the_merge_says_what_the_whole_run_missed(
+        runs, tmp_path, capsys):
     cut = _copy(runs, "s2", tmp_path)
     victim = json.loads((cut / f"{LABEL}.json").read_text())["settings"]["shard"]["assigned"][0]
 
     def drop(r):
         r["results"] = [x for x in r["results"] if x["case_id"] != victim]
+        r["settings"]["partial"] = {"reason": "stopped", "planned": len(r["results"]) + 1,
+                                    "results": len(r["results"]), "canary_ran": False}
     _edit(cut, drop, lambda lines: [x for x in lines if not ('"type": "result"' in x and victim in x)])
     code, err = _merge(capsys, runs / "s1", cut, runs / "s3", "--out", tmp_path / "m")
     assert code == 2 and "shard 2/3" in err and "(interrupted?)" in err and victim in err
     assert _merge(capsys, runs / "s1", cut, runs / "s3", "--partial", "--out", tmp_path / "m")[0] == 0
+    merged = json.loads((tmp_path / "m" / f"{LABEL}.json").read_text())
+    note = merged["settings"]["partial"]  # the whole run's, not shard 2's own note
+    assert note["results"] == len(merged["results"]) and note["planned"] == note["results"] + 1
+    assert note["reason"] == "1 of 3 shard(s) stopped before the end"
 
 
 def test_a_directory_must_hold_one_shard(runs, tmp_path, capsys):

@@ -165,8 +165,16 @@ def check_shards(shards: list[ShardRun], partial: bool) -> tuple[list[int], list
 
 def merged_settings(shards: list[ShardRun], present: list[int], missing: list[int], command: str) -> dict[str, Any]:
     first = shards[0].report["settings"]
-    settings = {k: v for k, v in first.items() if k not in ("command", "started", "finished", "shard", "pytest_workers")}
+    settings = {k: v for k, v in first.items()
+                if k not in ("command", "started", "finished", "shard", "pytest_workers", "partial")}
     stamps = [s.report["settings"] for s in shards]
+    notes = [t["partial"] for t in stamps if t.get("partial")]
+    if notes:  # what the merged run as a whole did not reach, not the first shard's own note
+        done = {(r["case_id"], r["impl"]) for s in shards for r in s.report["results"]}  # canaries once
+        settings["partial"] = {"reason": f"{len(notes)} of {len(shards)} shard(s) stopped before the end",
+                               "planned": len(done) + sum(n.get("planned", 0) - n.get("results", 0) for n in notes),
+                               "results": len(done),
+                               "canary_ran": any(r.get("canary") for s in shards for r in s.report["results"])}
     incomplete = bool(missing) or any(_missing_results(s) for s in shards)
     parts = [{"dir": str(s.directory), "shard": s.block["shard"], "command": s.report["settings"].get("command"),
               "started": s.report["settings"].get("started"), "finished": s.report["settings"].get("finished"),
