@@ -50,6 +50,8 @@ def search(impls: list[str], options: tuple[str, ...], out: Path, shrink_budget:
 
 def run_found(out: Path, impls: list[str]) -> set[str]:
     """The implementations failing an entry of the search's found.toml under `gqa-harness run --suite`."""
+    if "[[case]]" not in (out / "found.toml").read_text():
+        return set()  # no confirmed finding: nothing to run
     argv = [sys.executable, "-m", "harness.cli", "run", "--device", "cpu", "--suite", str(out / "found.toml"),
             "--in-process", "--quiet", "--out", str(out / "found-run")] + [a for i in impls for a in ("--impl", i)]
     subprocess.run(argv, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
