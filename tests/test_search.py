@@ -107,7 +107,7 @@ def test_the_groups_cover_the_catalogue():
     assert sorted(k for names, _ in GROUPS.values() for k in names) == sorted(CORNERS)
 
 
-@pytest.mark.slow
+@pytest.mark.catalogue
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_search_finds_shrinks_and_confirms_each_catalogue_kernel_and_its_found_toml_fails_under_run(group, tmp_path):
     kernels = [f"tests.search_kernels:{k}" for k in GROUPS[group][0]]
@@ -146,7 +146,7 @@ def _noise(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.catalogue
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_the_same_budget_gives_no_finding_on_correct_implementations(group, tmp_path):
     code, report = _group_search(tmp_path, group, CORRECT)
