@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -39,3 +40,15 @@ def test_what_is_not_a_report_is_one_line_naming_the_file(tmp_path, text, fragme
     with pytest.raises(ReportError) as info:
         load_report(path)
     assert fragment in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_gzipped_report_loads_as_the_plain_one_and_a_cut_gzip_is_one_line(tmp_path):
+    plain = write_report(tmp_path, REPORT, "md").with_suffix(".json")
+    packed = tmp_path / "packed.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_report(packed) == load_report(plain)
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(packed.read_bytes()[:40])
+    with pytest.raises(ReportError, match="cut.json.gz: not a JSON report") as info:
+        load_report(cut)
+    assert "\n" not in str(info.value)

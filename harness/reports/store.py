@@ -8,6 +8,7 @@ is recognised one way: a JSON object with the schema's top-level keys.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -252,11 +253,12 @@ def missing_keys(data: Any) -> list[str]:
 
 
 def _read_json(path: Path, what: str) -> Any:
+    """A JSON file, or a gzipped one (`.json.gz`, as large reports are committed)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
     except FileNotFoundError:
         raise ReportError(f"{path}: no such {what}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: a cut-off gzip
         raise ReportError(f"{path}: not a JSON {what} ({type(exc).__name__}: {exc})") from None
 
 
