@@ -194,26 +194,42 @@ def test_the_same_seed_draws_the_same_examples_and_another_seed_others(tmp_path)
 
 
 class _Interrupting:
-    """A wrong kernel (drops the caller's scale) that raises KeyboardInterrupt on its Nth call."""
+    """A wrong kernel (drops the caller's scale) that raises KeyboardInterrupt on its Nth call (never when
+    N < 0); `made` counts its calls."""
 
     def __init__(self, calls: int):
-        self.calls = calls
+        self.calls, self.made = calls, 0
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         self.calls -= 1
+        self.made += 1
         if self.calls == 0:
             raise KeyboardInterrupt
         return wrong_kernels.ignores_scale(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
+class _CallsAtFirstFailure(list):
+    """The search's records, noting how many kernel calls were made when the first FAIL was recorded."""
+
+    def __init__(self, kernel: _Interrupting):
+        super().__init__()
+        self.kernel, self.calls = kernel, None
+
+    def append(self, record) -> None:
+        if self.calls is None and record.get("type") == "result" and record.get("status") == "FAIL":
+            self.calls = self.kernel.made
+        super().append(record)
+
+
 def test_a_failure_interrupted_while_shrinking_is_replayed_and_shrunk_by_the_next_search(tmp_path):
-    records: list = []
-    _engine(tmp_path / "measure", wrong_kernels.ignores_scale, examples=40, records=records)
-    results = [r for r in records if r["type"] == "result"]
-    met = next(i for i, r in enumerate(results) if r["status"] == "FAIL")  # kernel calls before the first failure
+    counting = _Interrupting(calls=-1)  # never interrupts: counts the kernel's calls
+    records = _CallsAtFirstFailure(counting)
+    _engine(tmp_path / "measure", counting, examples=40, records=records)
     first = next(r for r in records if r["type"] == "finding")
-    with pytest.raises(KeyboardInterrupt):  # the same search, killed three calls into shrinking that failure
-        _engine(tmp_path, _Interrupting(calls=met + 4), examples=40)
+    # the same search, killed a few kernel calls into shrinking that failure (a guarded case calls the
+    # kernel twice per result: inside its guards and without them)
+    with pytest.raises(KeyboardInterrupt):
+        _engine(tmp_path, _Interrupting(calls=records.calls + 4), examples=40)
     tally, store = _engine(tmp_path, wrong_kernels.ignores_scale, examples=1)
     (finding,) = tally.findings
     assert finding.replayed and finding.start.id == first["start_id"] and finding.case.id == first["case_id"]
