@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
     finished = False
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed job still writes its partial report
     try:
-        execute_plan(session, plan, sink, Progress(args.quiet), done)
+        execute_plan(session, plan, sink, Progress(args.quiet), done, prior=resumed.records)
         finished = True
     finally:
         signal.signal(signal.SIGTERM, previous)

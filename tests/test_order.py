@@ -115,3 +115,22 @@ def test_one_fail_per_signature_is_re_run_alone_and_stands_for_the_rest():
                            "summary": "not re-run alone: the same failure (dq row) reproduces alone in c1 k"}
     assert notes["c4"]["same_as"] == [["c3", "k"]] and not notes["c4"]["checked"]
     assert len(streamed) == len(results)  # every FAIL carries an order note (resume reads it as checked)
+
+
+def test_a_resumed_run_keeps_the_representatives_its_stream_holds_so_its_order_notes_are_the_uninterrupted_ones():
+    from harness.core.results import ImplResult, Status, TensorVerdict
+    from harness.run.order import OrderChecker, Pending, representatives
+    from tests.helpers import session
+
+    def fail(case_id: str) -> ImplResult:
+        return ImplResult(case_id, "k", Status.FAIL, {"dk": TensorVerdict("dk", Status.FAIL, "tensor")})
+    first = {"type": "result", **fail("a").to_dict()}
+    first["notes"] = {"order": {"checked": True, "order_dependent": False, "summary": "fails alone too"}}
+    unchecked = {"type": "result", **fail("b").to_dict()}  # killed before its order note was written
+    prior = representatives([first, unchecked])
+    assert list(prior) == [("k", "dk", "tensor")] and prior[("k", "dk", "tensor")].case_id == "a"
+    checker = OrderChecker(session(), prior=prior)
+    checker.pending.append(Pending(fail("b"), None, None, []))  # the resumed run's FAIL: covered, not re-run
+    written: list = []
+    (result,) = checker.finish([fail("b")], written.append)
+    assert result.notes["order"]["checked"] is False and result.notes["order"]["same_as"] == [["a", "k"]]

@@ -80,7 +80,10 @@ class OrderChecker:
     """Collects the FAILs of a run and, at its end, tells reproducible from order-dependent ones."""
 
     def __init__(self, session: Session, timeout: float | None = None, log_dir: Path | None = None,
-                 max_checks: int = MAX_CHECKS, max_tries: int = MAX_TRIES):
+                 max_checks: int = MAX_CHECKS, max_tries: int = MAX_TRIES,
+                 prior: dict[tuple[str, str, str], Any] | None = None):
+        """`prior`: signature -> a FAIL of the resumed stream that already reproduced alone (representatives)."""
+        self.prior = dict(prior or {})
         self.session = session
         self.timeout = timeout
         self.log_dir = log_dir
@@ -94,7 +97,9 @@ class OrderChecker:
     def finish(self, results: list, sink: Callable[[dict[str, Any]], None]) -> list:
         """Each FAIL is streamed again with notes["order"]; the report keeps the last record."""
         updated = {}
-        stands_for: dict[tuple[str, str, str], ImplResult] = {}  # signature -> a FAIL that reproduced alone
+        # signature -> a FAIL that reproduced alone; a resumed run starts from those its stream holds, so its
+        # notes are the ones the uninterrupted run wrote
+        stands_for: dict[tuple[str, str, str], Any] = dict(self.prior)
         checks = 0
         for p in self.pending:
             signature = failure_signature(p.result)
@@ -166,7 +171,28 @@ def failure_signature(result: ImplResult) -> frozenset[tuple[str, str, str]]:
     return frozenset(failing or {(result.impl, result.error_kind or "", "")})
 
 
-def same_failure(signature: frozenset[tuple[str, str, str]], stands_for: dict[tuple[str, str, str], ImplResult]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Representative:
+    """A FAIL of a resumed stream that reproduced alone: what `same_failure` names."""
+    case_id: str
+    impl: str
+
+
+def representatives(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], Representative]:
+    """Signature -> the first FAIL in `records` (a resumed stream, in run order) that reproduced alone."""
+    out: dict[tuple[str, str, str], Representative] = {}
+    for r in records:
+        order = (r.get("notes") or {}).get("order") or {}
+        if r.get("type") != "result" or r.get("status") != "FAIL" or order.get("order_dependent") is not False:
+            continue
+        failing = {(r["impl"], name, v.get("rule") or "") for name, v in (r.get("tensors") or {}).items()
+                   if v.get("status") == "FAIL"}
+        for s in failing or {(r["impl"], r.get("error_kind") or "", "")}:
+            out.setdefault(s, Representative(r["case_id"], r["impl"]))
+    return out
+
+
+def same_failure(signature: frozenset[tuple[str, str, str]], stands_for: dict[tuple[str, str, str], Any]) -> dict[str, Any]:
     """The order note of a FAIL not re-run because FAILs of its signature reproduced alone."""
     firsts = sorted({(stands_for[s].case_id, stands_for[s].impl) for s in signature})
     what = ", ".join(f"{t} {r}".strip() for _, t, r in sorted(signature))

@@ -17,7 +17,7 @@ from ..core.results import ImplResult, Status
 from ..core.suites import SuiteCase
 from ..implementations import Implementation
 from ..implementations.canary import CANARY_CASE
-from .order import OrderChecker
+from .order import OrderChecker, representatives
 from .pairs import family_judgements, pair_judgements, record
 from .session import CaseRunner, Session
 from .stages import StageClock, maybe
@@ -122,7 +122,8 @@ def plan_work(plan: RunPlan) -> list[tuple[Case, list[Implementation]]]:
 
 def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]], None],
                  progress: Callable[[int, int, ImplResult], None] | None = None,
-                 done: set[tuple[str, str]] | None = None, clock: StageClock | None = None) -> list[ImplResult]:
+                 done: set[tuple[str, str]] | None = None, clock: StageClock | None = None,
+                 prior: list[dict[str, Any]] | None = None) -> list[ImplResult]:
     """Run every (case, implementation), stream each record to `sink`, return the results. `clock`: where
     the time went, stage by stage (stages.py), when the caller measures it."""
     done = done or set()
@@ -132,7 +133,8 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
     results: list[ImplResult] = []
     count = 0
     rules = load_rules()
-    checker = OrderChecker(session, plan.timeout, plan.log_dir) if plan.isolate and plan.order_check else None
+    checker = (OrderChecker(session, plan.timeout, plan.log_dir, prior=representatives(prior or []))
+               if plan.isolate and plan.order_check else None)
     with CaseRunner(session, isolate=plan.isolate, timeout=plan.timeout, repeat=plan.repeat, log_dir=plan.log_dir,
                     sink=with_sources(sink, plan.sources), clock=clock) as runner:
         for case, impls in work:
