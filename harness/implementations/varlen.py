@@ -10,6 +10,8 @@ case is the oracle of each sequence.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..core.case import Case
@@ -21,6 +23,14 @@ try:  # torch >= 2.10 has it; absent, the implementation is UNSUPPORTED with tor
 except ImportError as exc:  # pragma: no cover - depends on the installed torch
     varlen_attn = None
     ABSENT = f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn: {exc}"
+
+
+def _keywords(hq: int, hkv: int) -> dict:
+    """`enable_gqa` where this torch's varlen_attn takes it. torch 2.11's has no such keyword (seen on an H100:
+    TypeError); its flash kernel takes fewer kv heads than query heads as they are, as FlashAttention-2 does."""
+    if hq != hkv and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return {"enable_gqa": True}
+    return {}
 
 
 def _available(facts: DeviceFacts) -> str | None:
@@ -69,7 +79,7 @@ def forward(call: SdpaCall) -> torch.Tensor:
     call.notes["varlen"] = f"cu_seq_k {_cumulative(lengths, torch.device('cpu')).tolist()}"
     out = varlen_attn(q, k, v, _cumulative([lq] * b, device), _cumulative(lengths, device), lq, max(lengths),
                       scale=call.scale, window_size=(-1, 0) if call.case.causal != "none" else (-1, -1),
-                      enable_gqa=k.shape[1] != hq)
+                      **_keywords(hq, k.shape[1]))
     return out.view(b, lq, hq, out.shape[-1]).transpose(1, 2)
 
 
