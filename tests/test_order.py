@@ -134,3 +134,26 @@ def test_a_resumed_run_keeps_the_representatives_its_stream_holds_so_its_order_n
     written: list = []
     (result,) = checker.finish([fail("b")], written.append)
     assert result.notes["order"]["checked"] is False and result.notes["order"]["same_as"] == [["a", "k"]]
+
+
+def test_a_fail_checked_before_the_kill_and_run_again_with_its_layout_siblings_keeps_its_own_order_note():
+    """The kill fell after the first FAIL's order note and before its layout sibling's: resume runs the sibling
+    group again, the first FAIL included. Its note is the one it had, not "the same failure as" itself (the
+    resume property test found this)."""
+    from harness.core.results import ImplResult, Status, TensorVerdict
+    from harness.run.order import OrderChecker, Pending, recorded_verdicts, representatives
+    from tests.helpers import session
+
+    def fail(case_id: str) -> ImplResult:
+        return ImplResult(case_id, "k", Status.FAIL, {"dk": TensorVerdict("dk", Status.FAIL, "tensor")})
+    own = {"checked": True, "order_dependent": False, "alone": "FAIL", "summary": "reproduces alone in a fresh process"}
+    first = {"type": "result", **fail("a").to_dict()}
+    first["notes"] = {"order": own}
+    sibling = {"type": "result", **fail("a-blhd").to_dict()}  # killed before its order note was written
+    records = [first, sibling]
+    checker = OrderChecker(session(), prior=representatives(records), recorded=recorded_verdicts(records))
+    for case_id in ("a", "a-blhd"):  # the group runs again, in order
+        checker.pending.append(Pending(fail(case_id), None, None, []))
+    a, blhd = checker.finish([fail("a"), fail("a-blhd")], [].append)
+    assert a.notes["order"] == own
+    assert blhd.notes["order"]["same_as"] == [["a", "k"]]

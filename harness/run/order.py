@@ -81,9 +81,12 @@ class OrderChecker:
 
     def __init__(self, session: Session, timeout: float | None = None, log_dir: Path | None = None,
                  max_checks: int = MAX_CHECKS, max_tries: int = MAX_TRIES,
-                 prior: dict[tuple[str, str, str], Any] | None = None):
-        """`prior`: signature -> a FAIL of the resumed stream that already reproduced alone (representatives)."""
+                 prior: dict[tuple[str, str, str], Any] | None = None,
+                 recorded: dict[tuple[str, str], dict[str, Any]] | None = None):
+        """`prior`: signature -> a FAIL of the resumed stream that already reproduced alone (representatives);
+        `recorded`: (case id, implementation) -> the order note the resumed stream already holds for it."""
         self.prior = dict(prior or {})
+        self.recorded = dict(recorded or {})
         self.session = session
         self.timeout = timeout
         self.log_dir = log_dir
@@ -103,7 +106,13 @@ class OrderChecker:
         checks = 0
         for p in self.pending:
             signature = failure_signature(p.result)
-            if all(s in stands_for for s in signature):
+            recorded = self.recorded.get((p.result.case_id, p.result.impl))
+            if recorded is not None:
+                # a FAIL checked before the kill and run again with its layout siblings: the note it already has,
+                # not a new one (which would call it "the same failure as" itself)
+                checks += bool(recorded.get("checked"))
+                verdict = recorded
+            elif all(s in stands_for for s in signature):
                 verdict = same_failure(signature, stands_for)
             elif checks < self.max_checks:
                 checks += 1
@@ -190,6 +199,12 @@ def representatives(records: list[dict[str, Any]]) -> dict[tuple[str, str, str],
         for s in failing or {(r["impl"], r.get("error_kind") or "", "")}:
             out.setdefault(s, Representative(r["case_id"], r["impl"]))
     return out
+
+
+def recorded_verdicts(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(case id, implementation) -> the order note of each FAIL in `records` (a resumed stream) that has one."""
+    return {(r["case_id"], r["impl"]): r["notes"]["order"] for r in records
+            if r.get("type") == "result" and "order" in (r.get("notes") or {})}
 
 
 def same_failure(signature: frozenset[tuple[str, str, str]], stands_for: dict[tuple[str, str, str], Any]) -> dict[str, Any]:

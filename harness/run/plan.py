@@ -17,7 +17,7 @@ from ..core.results import ImplResult, Status
 from ..core.suites import SuiteCase
 from ..implementations import Implementation
 from ..implementations.canary import CANARY_CASE
-from .order import OrderChecker, representatives
+from .order import OrderChecker, recorded_verdicts, representatives
 from .pairs import family_judgements, pair_judgements, record
 from .session import CaseRunner, Session
 from .stages import StageClock, maybe
@@ -133,7 +133,8 @@ def execute_plan(session: Session, plan: RunPlan, sink: Callable[[dict[str, Any]
     results: list[ImplResult] = []
     count = 0
     rules = load_rules()
-    checker = (OrderChecker(session, plan.timeout, plan.log_dir, prior=representatives(prior or []))
+    checker = (OrderChecker(session, plan.timeout, plan.log_dir, prior=representatives(prior or []),
+                            recorded=recorded_verdicts(prior or []))
                if plan.isolate and plan.order_check else None)
     with CaseRunner(session, isolate=plan.isolate, timeout=plan.timeout, repeat=plan.repeat, log_dir=plan.log_dir,
                     sink=with_sources(sink, plan.sources), clock=clock) as runner:
