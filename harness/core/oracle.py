@@ -157,10 +157,11 @@ def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype,
 
 
 def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, chunk: int | None = None,
-              rows: torch.Tensor | None = None) -> AttentionResult:
+              rows: torch.Tensor | None = None, merge: bool = True) -> AttentionResult:
     """Blocked attention forward + backward in `compute` precision under a rounding policy.
     `rows` (sorted query positions): only those rows' output, lse and dQ, in that order, and the dK/dV
-    that those rows' grad_out feeds: the exact gradient when grad_out is zero on every other row."""
+    that those rows' grad_out feeds: the exact gradient when grad_out is zero on every other row.
+    `merge` False: tiny blocks stay one unit per batch element (the same bits, far slower; for tests)."""
     case = inputs.case
     b, hq, hkv, lq, lk = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len
     g, d, dv_dim = case.group_size, case.head_dim, case.value_dim
@@ -196,7 +197,8 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
         dk_acc = torch.zeros(b, hkv, d, lk, dtype=compute)
         dv_acc = torch.zeros(b, hkv, dv_dim, lk, dtype=compute)
     partial = (dk_acc.numel() + dv_acc.numel()) * itemsize if grads else 0
-    plan = plan_work(b, hkv, nh, row_chunks(case, positions, chunk), partial)
+    chunks = row_chunks(case, positions, chunk)
+    plan = plan_work(b, hkv, nh, chunks, partial, *(_merge_bytes(case, nh, chunks, itemsize) if merge else ()))
     # parts after the first accumulate apart; allocated zero, summed in part order at the end
     extra = [(torch.zeros_like(dk_acc), torch.zeros_like(dv_acc)) for _ in range(plan.parts - 1)] if grads else []
     # Rounding the normalised P or dS needs P normalised in place (one more pass); otherwise 1/l
@@ -205,9 +207,12 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
 
     def run_unit(unit) -> None:
         dk_t, dv_t = (dk_acc, dv_acc) if unit.part == 0 or not grads else extra[unit.part - 1]
-        for c in unit.chunks:
-            _block(case, policy, normalise, unit.batch, unit.h0, unit.h1, c.r0, c.r1, c.c0, c.c1, positions,
-                   qs, k, ks, v, do, mask, out, lse, dq, dk_t, dv_t)
+        spans = ([(unit.batch, unit.batch + unit.batches)] if unit.stacked
+                 else [(bi, bi + 1) for bi in range(unit.batch, unit.batch + unit.batches)])
+        for b0, b1 in spans:
+            for c in unit.chunks:
+                _block(case, policy, normalise, (b0, b1, unit.h0, unit.h1), c.r0, c.r1, c.c0, c.c1, positions,
+                       qs, k, ks, v, do, mask, out, lse, dq, dk_t, dv_t)
 
     # each unit writes only its own rows and its own partial: results do not depend on threads
     _parallel(plan.units, run_unit)
@@ -236,26 +241,45 @@ def work_plan(case: Case, rows: torch.Tensor | None = None, itemsize: int = 8) -
     chunk = chunk_rows(case, itemsize, len(positions))
     nh = _heads_per_block(case, chunk, itemsize)
     partial = case.batch * case.kv_heads * case.kv_len * (case.head_dim + case.value_dim) * itemsize if case.grads else 0
-    return plan_work(case.batch, case.kv_heads, nh, row_chunks(case, positions, chunk), partial)
+    chunks = row_chunks(case, positions, chunk)
+    return plan_work(case.batch, case.kv_heads, nh, chunks, partial, *_merge_bytes(case, nh, chunks, itemsize))
 
 
-def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, positions, qs, k, ks, v, do, mask, out, lse, dq,
+def _merge_bytes(case: Case, heads_per_block: int, chunks: list[Chunk], itemsize: int) -> tuple[int, int]:
+    """(one batch element's logits block, the budget a merged block keeps to) for plan_work."""
+    rows = max(c.r1 - c.r0 for c in chunks)
+    return heads_per_block * case.group_size * rows * case.kv_len * itemsize, BLOCK_BYTES
+
+
+def _slab(t: torch.Tensor, b0: int, b1: int, h0: int, h1: int) -> torch.Tensor:
+    """t[b0:b1, h0:h1] with (batch, head) as one leading dimension, as a view (never a copy: a unit
+    spans several batch elements only with every head, so the two dimensions always merge)."""
+    return t[b0:b1, h0:h1].view(-1, *t.shape[2:])
+
+
+def _block(case, policy, normalise, where, r0, r1, c0, c1, positions, qs, k, ks, v, do, mask, out, lse, dq,
            dk_acc, dv_acc):
-    """Forward and backward of query rows [r0, r1) (at `positions`) of kv heads [h0, h1) of batch bi,
-    against keys [0, c1).
-    Blocks are (heads, rows, group, keys): row-major over (row, query head of the group)."""
-    nh, g, n = h1 - h0, case.group_size, r1 - r0
+    """Forward and backward of query rows [r0, r1) (at `positions`) of batch elements [b0, b1) and kv
+    heads [h0, h1) (`where`), against keys [0, c1).
+    Blocks are (batch x head, rows, group, keys): row-major over (row, query head of the group); a
+    block of one batch element is exactly the per-head-block computation, a merged one a longer batch
+    of the same per-matrix GEMMs and elementwise passes."""
+    b0, b1, h0, h1 = where
+    g, n = case.group_size, r1 - r0
     d, dv_dim = case.head_dim, case.value_dim
-    qc = qs[bi, h0:h1, r0:r1]  # (nh, n, g, d), each head's rows contiguous
-    kc, vc = k[bi, h0:h1, :c1], v[bi, h0:h1, :c1]
+    qc = _slab(qs, b0, b1, h0, h1)[:, r0:r1]  # (nh, n, g, d), each head's rows contiguous
+    nh = qc.shape[0]  # (batch element, kv head) pairs of the block
+    kc, vc = _slab(k, b0, b1, h0, h1)[:, :c1], _slab(v, b0, b1, h0, h1)[:, :c1]
     s = torch.matmul(qc.reshape(nh, n * g, d), kc.transpose(-1, -2)).view(nh, n, g, c1)
     if mask is not None:
+        mb = slice(b0, b1) if mask.shape[0] > 1 else slice(0, 1)
         mh = slice(h0, h1) if mask.shape[1] > 1 else slice(None)
-        mc = mask[bi if mask.shape[0] > 1 else 0, mh, r0:r1, :, :c1]
+        mc = mask[mb, mh, r0:r1, :, :c1]
+        s5 = s.view(b1 - b0, h1 - h0, n, g, c1)  # the mask broadcasts over batch and heads: not one dimension
         if mc.dtype == torch.bool:
-            s.masked_fill_(~mc, float("-inf"))
+            s5.masked_fill_(~mc, float("-inf"))
         else:
-            s.add_(mc.to(s.dtype))  # added exactly as quantized
+            s5.add_(mc.to(s.dtype))  # added exactly as quantized
     if c0 < c1:  # the causal diagonal: only keys [c0, c1) are masked for some row of the block
         offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
         rows = positions[r0:r1, None, None]
@@ -268,14 +292,14 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, positions, qs, k
     p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
     l = p.sum(-1, keepdim=True)
     l_safe = l.masked_fill(dead, 1.0)
-    lse[bi, h0:h1, :, r0:r1] = (m + torch.log(l)).squeeze(-1).transpose(1, 2)
+    _slab(lse, b0, b1, h0, h1)[:, :, r0:r1] = (m + torch.log(l)).squeeze(-1).transpose(1, 2)
     p_pv = policy.round(p, policy.p_before_pv)
     o = torch.matmul(p_pv.view(nh, n * g, c1), vc).view(nh, n, g, dv_dim).div_(l_safe)
-    out[bi, h0:h1, :, r0:r1] = o.transpose(1, 2)
+    _slab(out, b0, b1, h0, h1)[:, :, r0:r1] = o.transpose(1, 2)
     if dq is None:
         return
 
-    doc = do[bi, h0:h1, r0:r1]
+    doc = _slab(do, b0, b1, h0, h1)[:, r0:r1]
     delta = (doc * policy.round(o, policy.o_as_stored)).sum(-1, keepdim=True)
     dp = torch.matmul(doc.reshape(nh, n * g, dv_dim), vc.transpose(-1, -2)).view(nh, n, g, c1)
     if normalise:
@@ -288,17 +312,18 @@ def _block(case, policy, normalise, bi, h0, h1, r0, r1, c0, c1, positions, qs, k
     p_dv = policy.round(p, policy.p_before_dv)
     q_dk = qc if inv_l is None else qc * inv_l
     do_dv = doc if inv_l is None else doc * inv_l
-    dq_c = torch.matmul(ds_g.view(nh, n * g, c1), ks[bi, h0:h1, :c1]).view(nh, n, g, d)
-    dq[bi, h0:h1, :, r0:r1] = (dq_c if inv_l is None else dq_c.mul_(inv_l)).transpose(1, 2)
+    dq_c = torch.matmul(ds_g.view(nh, n * g, c1), _slab(ks, b0, b1, h0, h1)[:, :c1]).view(nh, n, g, d)
+    _slab(dq, b0, b1, h0, h1)[:, :, r0:r1] = (dq_c if inv_l is None else dq_c.mul_(inv_l)).transpose(1, 2)
+    dk_s, dv_s = _slab(dk_acc, b0, b1, h0, h1), _slab(dv_acc, b0, b1, h0, h1)
     if policy.per_head_dkdv:
         # (nh, g, c1, n) @ (nh, g, n, d): each query head's own dK/dV, summed (rounded) at the end
-        dk_acc[bi, h0:h1, :, :c1] += torch.matmul(ds_g.permute(0, 2, 3, 1), q_dk.transpose(1, 2))
-        dv_acc[bi, h0:h1, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
+        dk_s[:, :, :c1] += torch.matmul(ds_g.permute(0, 2, 3, 1), q_dk.transpose(1, 2))
+        dv_s[:, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
     else:
         # stacking the group's rows makes this GEMM's accumulation the group sum; dK^T = Q^T dS
         # (accumulated by the GEMM itself, beta = 1: no temporary, no extra pass)
-        dk_acc[bi, h0:h1, :, :c1].baddbmm_(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
-        dv_acc[bi, h0:h1, :, :c1].baddbmm_(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
+        dk_s[:, :, :c1].baddbmm_(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
+        dv_s[:, :, :c1].baddbmm_(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None, rows: torch.Tensor | None = None) -> AttentionResult:

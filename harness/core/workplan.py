@@ -9,6 +9,18 @@ threads only change which unit runs when, and each unit's arithmetic is single-t
 The part count P is the smallest that gives about TARGET_UNITS units (enough to balance 16-32
 threads), capped by the chunk count and by PARTIAL_BYTES of extra dK/dV partials (O(Lk) each, so
 the oracle's memory stays O(rows x Lk) per block plus a bounded number of key-sized buffers).
+
+Tiny blocks are merged across batch elements: when one block holds all of a batch element's kv heads
+and rows (one chunk, one part) but its logits are far below the block budget, consecutive batch
+elements share a unit, about TARGET_UNITS units in all (issue 17: b=100000 decode cases were 100,000
+units, each a few dozen torch calls, which cost minutes of Python for microseconds of arithmetic).
+A merged unit is the same arithmetic on a longer leading (batch x head) dimension: its GEMMs are the
+same per-matrix GEMMs and its elementwise passes the same per element, so the oracle's bits equal
+the per-batch plan's (tests/test_workplan_merge.py pins that, and the thread independence). One kv
+head (MQA) is the exception: a one-head block's GEMMs are batches of one, which torch runs as single
+GEMMs (a matrix-vector one where the keys or rows are 1) with other bits than a batched GEMM's. Such
+a unit is not stacked: it runs its batch elements' blocks one after another, which saves the pool's
+per-unit cost but not the per-block one.
 """
 
 from __future__ import annotations
@@ -37,15 +49,19 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Unit:
+    """Batch elements [batch, batch + batches), kv heads [h0, h1), the row chunks of one part."""
+
     batch: int
     h0: int
     h1: int
     part: int
     chunks: tuple[Chunk, ...]
+    batches: int = 1  # > 1 only for merged tiny blocks (every head, one chunk, one part)
+    stacked: bool = True  # merged batch elements as one block (False: one block each, in turn)
 
     @property
     def cost(self) -> int:
-        return (self.h1 - self.h0) * sum(c.cost for c in self.chunks)
+        return self.batches * (self.h1 - self.h0) * sum(c.cost for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -66,11 +82,26 @@ def part_count(base_units: int, chunks: int, partial_bytes: int) -> int:
     return max(1, min(want, chunks, by_memory))
 
 
-def plan_work(batch: int, kv_heads: int, heads_per_block: int, chunks: list[Chunk], partial_bytes: int) -> WorkPlan:
-    blocks = [(bi, h0, min(kv_heads, h0 + heads_per_block)) for bi in range(batch)
+def batches_per_unit(batch: int, block_bytes: int, budget_bytes: int) -> int:
+    """Batch elements merged into one unit: enough for about TARGET_UNITS units, while the merged
+    logits block (`block_bytes` per element) stays within `budget_bytes` (in cache)."""
+    by_units = -(-batch // TARGET_UNITS)
+    by_bytes = budget_bytes // max(1, block_bytes)
+    return max(1, min(by_units, by_bytes))
+
+
+def plan_work(batch: int, kv_heads: int, heads_per_block: int, chunks: list[Chunk], partial_bytes: int,
+              block_bytes: int = 0, budget_bytes: int = 0) -> WorkPlan:
+    """`block_bytes`: one block's logits (of one batch element); with `budget_bytes`, tiny blocks that
+    each hold a whole batch element are merged across batch elements (0: never merged)."""
+    whole = heads_per_block >= kv_heads and len(chunks) == 1
+    step = batches_per_unit(batch, block_bytes, budget_bytes) if whole and block_bytes and budget_bytes else 1
+    blocks = [(bi, min(step, batch - bi), h0, min(kv_heads, h0 + heads_per_block)) for bi in range(0, batch, step)
               for h0 in range(0, kv_heads, heads_per_block)]
     parts = part_count(len(blocks), len(chunks), partial_bytes)
-    units = [Unit(bi, h0, h1, p, tuple(chunks[p::parts])) for bi, h0, h1 in blocks for p in range(parts)]
+    stacked = kv_heads > 1  # a batch of one-head blocks' GEMMs would not be their single GEMMs (see above)
+    units = [Unit(bi, h0, h1, p, tuple(chunks[p::parts]), nb, stacked)
+             for bi, nb, h0, h1 in blocks for p in range(parts)]
     # longest first (LPT) keeps the pool's tail short; the order changes no result
     units.sort(key=lambda u: -u.cost)
     return WorkPlan(tuple(units), parts)
