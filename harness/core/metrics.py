@@ -47,13 +47,17 @@ def magnitude(inputs: Inputs, tensor: str) -> float:
     dQ of that row was 8.6x the former sqrt(n)-free term; this term is sqrt(n)·n/sqrt(n) = n x it.
     """
     case = inputs.case
+    if tensor == "out":  # only the RMS each tensor needs: each is a pass over a whole input (issue 17)
+        return _rms(inputs.v)
     # a long case's grad_out is zero off its sampled rows: its size is that of the rows it was kept on
     do = inputs.grad_out if inputs.sample is None else inputs.grad_out.index_select(2, inputs.sample.rows)
-    rq, rk, rv, rdo = (_rms(t) for t in (inputs.q, inputs.k, inputs.v, do))
+    rdo = _rms(do)
+    if tensor == "dv":
+        return rdo
     n = case.value_dim
-    dp_noise = math.sqrt(n) * n * rdo * rv  # rounding-error scale of dP - D, in units of u
+    dp_noise = math.sqrt(n) * n * rdo * _rms(inputs.v)  # rounding-error scale of dP - D, in units of u
     scale = softmax_scale(case)
-    return {"out": rv, "dv": rdo, "dq": scale * dp_noise * rk, "dk": scale * dp_noise * rq}[tensor]
+    return scale * dp_noise * _rms(inputs.k if tensor == "dq" else inputs.q)
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class TensorMetrics:
         slice_ratio = self.levels["slice"].ratio
         return {
             "levels": {name: self.summary(name) for name in LEVELS},
-            "slice_ratio": [[round(float(x), 4) for x in row] for row in slice_ratio],
+            "slice_ratio": slice_table(slice_ratio),
             "nan": self.nan_count, "inf": self.inf_count,
             "nonfinite_where_oracle_finite": self.nonfinite_where_oracle_finite,
             "oracle_nonfinite": self.oracle_nonfinite,
@@ -125,6 +129,13 @@ class TensorMetrics:
             },
             "nonfinite_where": self.nonfinite_where,
         }
+
+
+def slice_table(ratio: torch.Tensor) -> list[list[float]]:
+    """(B, H) ratios as rows of Python floats rounded to 4 decimals, for the report. One tolist() pass
+    instead of a tensor per element (issue 17: a million slices took most of a minute); the values are
+    the same doubles, and Python's round (correctly rounded, unlike torch.round(decimals=)) stays."""
+    return [[round(x, 4) for x in row] for row in ratio.double().tolist()]
 
 
 def ranges(indices: list[int]) -> str:
