@@ -69,3 +69,10 @@ def test_the_logit_term_keeps_finfo_min_rows_zeroed_gross():
     from harness.lab.nearthreshold import zero_huge_rows
 
     assert _statuses(spec, zero_huge_rows, proposal=True)["out"] is Status.FAIL
+
+
+def test_the_per_head_term_still_fails_a_group_sum_in_the_dtype_where_the_heads_cancel():
+    from .subtle_kernels import group_sum_in_dtype
+
+    spec = "b=1,hq=16,hkv=2,lq=128,lk=128,d=64,dtype=bf16,values=negative-lse"
+    assert _statuses(spec, group_sum_in_dtype, proposal=True)["dk"] is Status.FAIL

@@ -13,9 +13,10 @@ tensor, under
           product; two more of |LSE_i| in the backward's P = exp(S - LSE)), capped at 2^-8, propagated to out, dQ, dK, dV in quadrature (rows independent);
   +Dpv  — +lse, and the D-term's O error taken as O's final rounding plus the rounding of P~ before P~V
           (dterm_pv), the larger of the two D-terms;
-  +all  — for dQ/dK: the larger of the D-term as committed and sqrt(Dpv^2 + dS^2 + lse^2), where dS is a
-          dS-rounding term (each dS element rounded once to the dtype, RMS ulp/sqrt(12), through dS K and
-          dS^T Q); out and dV as +lse.
+  +all  — for dQ/dK: the larger of the D-term as committed and sqrt(Dpv^2 + dS^2 + lse^2), where dS is the
+          coherent part of dS's rounding (each dS element rounded once to the dtype, RMS ulp/sqrt(12), along the
+          mean key / mean query); out and dV as +lse; then dK and dV with the per-head rounding term added in
+          quadrature (per_head_rounding_noise; GQA_NEARTHRESHOLD_PER_HEAD=0 leaves it out).
 See docs/benchmarks-calibration.md, "Near-threshold families: -65504 rows and negative LSE".
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -37,6 +39,7 @@ from harness.run.execute import run_implementation
 from . import refkernels
 
 U32 = 2.0**-24
+PER_HEAD = os.environ.get("GQA_NEARTHRESHOLD_PER_HEAD", "1") == "1"  # the per-head dK/dV term (=0: without it)
 CAP = 2.0**-8
 
 FAMILIES = {
@@ -143,6 +146,29 @@ def ds_rounding_noise(inputs, oracle_out):
     return {"dq": dq, "dk": dk}
 
 
+def per_head_rounding_noise(inputs, oracle_out):
+    """Per key row (B, Hkv, Lk): the noise of rounding each query head's dK and dV to the dtype before an fp32
+    group sum (the flash-per-head-dkdv design), sqrt(sum_h sum_c ulp(X_hjc)^2 / 12): where the heads' dK cancel
+    (negative LSE) the summands' rounding is the whole error and the design's envelope one realisation of it
+    (docs/reliability.md, ill-conditioned inputs). Zero for G = 1 (one rounding: the floor)."""
+    case = inputs.case
+    b, hkv, g, lk = case.batch, case.kv_heads, case.group_size, case.kv_len
+    if g == 1:
+        z = torch.zeros(b, hkv, lk, dtype=torch.float64)
+        return {"dk": z, "dv": z}
+    scale = softmax_scale(case)
+    q, _, v, do, _, p = _dense(inputs)
+    o = oracle_out.double()
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
+    dk_h = scale * torch.matmul(ds.transpose(-1, -2), q)  # (B, Hq, Lk, D): each query head's dK
+    dv_h = torch.matmul(p.transpose(-1, -2), do)
+    noise = {}
+    for name, t in (("dk", dk_h), ("dv", dv_h)):
+        var = _ulp_dtype(t.abs(), inputs.q.dtype) ** 2 / 12
+        noise[name] = var.sum(-1).view(b, hkv, g, lk).sum(2).sqrt()
+    return noise
+
+
 def _dense(inputs):
     """fp64 (q, k, v, dO, logits, P) with K/V expanded over the group; masked logits -inf, dead rows P = 0."""
     case = inputs.case
@@ -199,6 +225,10 @@ def proposed_noise(inputs, oracle_out, row_noise):
     noise = {"out": lse["out"], "dv": lse["dv"]}
     for name in ("dq", "dk"):
         noise[name] = torch.maximum(row_noise[name], (dpv[name] ** 2 + dsn[name] ** 2 + lse[name] ** 2).sqrt())
+    if PER_HEAD:
+        ph = per_head_rounding_noise(inputs, oracle_out)
+        noise["dk"] = torch.maximum(noise["dk"], (noise["dk"] ** 2 + ph["dk"] ** 2).sqrt())
+        noise["dv"] = (noise["dv"] ** 2 + ph["dv"] ** 2).sqrt()
     return noise
 
 
