@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
 
 from harness.core.case import parse_case_spec
-from harness.strategies import BUDGETS, budget, case_bytes, case_toml, cases, check, repro
+from harness.core.generate import TILES, tile_edges
+from harness.strategies import BUDGETS, budget, case_bytes, case_toml, cases, check, lengths, repro
 from harness.core.suites import load_suite_text
 
 # A plain search space: the wrong kernels below are wrong in one class only; shrinking should land
@@ -74,3 +76,30 @@ def test_the_math_backend_passes_generated_cases_of_every_kind(case):
     # a generated case that fails a correct backend would be a harness defect, not a finding
     result = check(case, "sdpa-math")
     assert str(result.status) in ("PASS", "UNSUPPORTED", "OUT_OF_RANGE"), case.id
+
+
+# ---- boundary-biased lengths: where tiled kernels break, drawn beside the uniform draw -------------
+
+def _found(strategy, condition):
+    return find(strategy, condition, settings=settings(database=None, max_examples=300, derandomize=True))
+
+
+@settings(max_examples=100, database=None)
+@given(st.integers(1, 600), st.data())
+def test_a_tile_edge_is_a_multiple_of_16_to_128_or_one_off_it_within_1_to_max_len(max_len, data):
+    n = data.draw(tile_edges(max_len))
+    assert 1 <= n <= max_len
+    assert n == max_len or min(abs(n - t * round(n / t)) for t in TILES) <= 1, (max_len, n)
+
+
+@pytest.mark.parametrize("max_len, wanted", [(65, 65), (160, 160), (160, 129), (512, 257), (512, 1)])
+def test_lengths_draw_the_ends_of_the_range_and_tile_tails(max_len, wanted):
+    assert _found(lengths(max_len), lambda n: n == wanted) == wanted
+
+
+def test_cases_draw_decode_one_query_over_several_keys_and_lengths_that_differ():
+    decode = _found(cases(memory=8 << 20, max_len=65, max_batch=1, max_kv_heads=1),
+                    lambda c: c.q_len == 1 and c.kv_len > 1)
+    assert decode.q_len == 1 and decode.kv_len == 2  # shrunk: one query over two keys
+    apart = _found(cases(memory=8 << 20, max_len=65), lambda c: c.q_len > 1 and c.kv_len > 1 and c.q_len != c.kv_len)
+    assert apart.q_len != apart.kv_len

@@ -155,3 +155,25 @@ def test_repeat_flag_puts_a_determinism_section_in_the_report(tmp_path):
                  "--impl", "sdpa-math", "--repeat", "2", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "cpu-x86_64.md").read_text()
     assert "## Determinism (--repeat)" in md and "bitwise identical" in md
+
+
+def test_a_worker_draws_a_cases_inputs_once_for_its_implementations_and_afresh_after_a_call_wrote_into_them(
+        monkeypatch):
+    from harness.run import worker
+
+    drawn, real_make, real_execute = [], worker.make_inputs, worker.execute
+    monkeypatch.setattr(worker, "make_inputs", lambda case: drawn.append(case) or real_make(case))
+    worker.case_inputs.cache_clear()
+    task = {"case": CASE.to_dict(), "impl": "sdpa-math", "device": "cpu"}
+    first, second = worker.serve(task), worker.serve({**task, "impl": "expanded-kv-math"})
+    assert len(drawn) == 1 and first["hashes"] == second["hashes"]
+
+    def writes_into_grad_out(impl, inputs, device, repeat=1):
+        inputs.grad_out.add_(1)  # on the CPU grad_out reaches autograd uncopied
+        return real_execute(impl, inputs, device, repeat)
+
+    monkeypatch.setattr(worker, "execute", writes_into_grad_out)
+    assert worker.serve(task)["hashes"] != first["hashes"]  # the parent's hash check names this call
+    monkeypatch.setattr(worker, "execute", real_execute)
+    assert worker.serve(task)["hashes"] == first["hashes"] and len(drawn) == 2
+    worker.case_inputs.cache_clear()

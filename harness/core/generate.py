@@ -3,7 +3,7 @@
 Generated cases are valid by construction (kv heads divide query heads, padding masks only
 with batch >= 2, stride-0 expanded K/V only with one kv head, ...) and bounded in memory:
 lengths are drawn so the fp64 oracle's tensors fit the budget of the active profile.
-Lengths lean on the classes where real kernels broke (1, = 1 mod 32, = 64 mod 128, primes),
+Lengths lean on boundaries: tile edges (multiples of 16/32/64/128, +-1), primes, 1 and the longest,
 and every choice shrinks towards the plainest case, so a failure shrinks to a small case
 in its class. Profiles (`--hypothesis-profile NAME` or HYPOTHESIS_PROFILE): `dev` (quick,
 random), `ci` (derandomized: no seed to print, so the `@reproduce_failure` blob is),
@@ -56,14 +56,41 @@ def case_bytes(case: Case) -> int:
     return 8 * elems
 
 
+TILES = (16, 32, 64, 128)  # tile widths of flash-style, cuDNN and CPU blocked kernels
+
+
+@st.composite
+def tile_edges(draw, max_len: int) -> int:
+    """A length at a tile edge: a multiple of 16, 32, 64 or 128, one less or one more (a last tile of
+    one element, a tile exactly full, one short), within 1..max_len. Larger tiles are drawn as often as
+    smaller ones, so a 64- or 128-key tail is not drowned by the many multiples of 16."""
+    tiles = [t for t in TILES if t - 1 <= max_len] or [TILES[0]]  # below 15: max_len, the clamped edge
+    tile = draw(st.sampled_from(tiles))
+    n = tile * draw(st.integers(1, max(1, (max_len + 1) // tile))) + draw(st.sampled_from((0, 1, -1)))
+    return min(max(n, 1), max_len)
+
+
+@st.composite
+def uniform_lengths(draw, max_len: int) -> int:
+    """About uniform over 1..max_len, drawn as an offset 1..16 and the whole 16-element tiles before it: the
+    shrinker lowers the tiles and keeps the offset, so a failure that needs a tail (n = 1 mod 32, say) found
+    by this draw shrinks along its class to the smallest such length, which one integer draw does not."""
+    offset = draw(st.integers(1, min(16, max_len)))
+    return offset + 16 * draw(st.integers(0, (max_len - offset) // 16))
+
+
 def lengths(max_len: int) -> st.SearchStrategy[int]:
-    """A sequence length up to max_len, often from a class where tiled kernels break."""
+    """A sequence length up to max_len, drawn uniformly only part of the time: general fuzzing practice
+    puts boundary values beside the uniform draw, since real kernel bugs live at the edges. Besides the
+    uniform draw: tile edges (multiples of 16/32/64/128 and +-1, which include the classes where real
+    kernels broke: = 1 mod 32, = 64 mod 128), primes (no tile divides them), and the two ends of the
+    range (1: decode or a single key; max_len: the longest case, where a window or tail is widest)."""
     max_len = max(1, max_len)
     return st.one_of(
-        st.integers(1, max_len),
-        st.builds(lambda k: 32 * k + 1, st.integers(0, (max_len - 1) // 32)),
-        st.builds(lambda k: 128 * k + 64, st.integers(0, max(0, (max_len - 64) // 128))).filter(lambda n: n <= max_len),
+        uniform_lengths(max_len),
+        tile_edges(max_len),
         st.sampled_from([p for p in PRIMES if p <= max_len] or [1]),
+        st.sampled_from(sorted({1, max_len})),
     )
 
 
@@ -84,8 +111,12 @@ def cases(draw, *, memory: int | None = None, dtypes: tuple[str, ...] = ("bf16",
     # the longest square grid the budget allows with these heads (3 score-sized fp64 buffers + mask)
     fit = int((memory / (8 * 4 * batch * q_heads)) ** 0.5)
     limit = max(1, min(max_len, fit))
-    q_len = draw(lengths(limit))
-    kv_len = draw(lengths(limit)) if draw(st.booleans()) else q_len
+    # How the lengths relate, as in real workloads: self-attention (equal), chunked prefill or cross-attention
+    # (independent), and decode (one query over the cache), drawn as a class of its own rather than left to
+    # q_len = 1 and an independent kv_len coinciding.
+    relation = draw(st.sampled_from(("equal", "independent", "decode")))
+    q_len = 1 if relation == "decode" else draw(lengths(limit))
+    kv_len = q_len if relation == "equal" else draw(lengths(limit))
     fields: dict[str, Any] = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
                                   head_dim=head_dim, v_head_dim=v_head_dim, dtype=draw(st.sampled_from(dtypes)),
                                   causal=draw(st.sampled_from(CAUSAL)), seed=draw(st.integers(0, 1 << 16)),

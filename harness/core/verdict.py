@@ -215,13 +215,13 @@ def oob_read(name: str, actual: torch.Tensor, truth: torch.Tensor, guard: dict[s
     is finite and the same call without guards (the baseline, when it ran) did not."""
     if not guard:
         return None
-    a = actual.double()
     base = guard.get("baseline", {}).get(name)
-    base = base.double() if isinstance(base, torch.Tensor) and base.shape == actual.shape else None
+    base = base if isinstance(base, torch.Tensor) and base.shape == actual.shape else None
     ref = base if base is not None else truth
-    if guard["mode"] == "nan":
-        bad = torch.isnan(a) & ~torch.isnan(ref)
+    if guard["mode"] == "nan":  # NaN-ness needs no fp64 copies (checked on every guarded result)
+        bad = torch.isnan(actual) & ~torch.isnan(ref)
     else:
+        a, ref = actual.double(), ref.double()
         bad = (~torch.isfinite(a) & torch.isfinite(ref)) | ((a - ref).abs() >= SENTINEL / 64)
     if truth.shape == actual.shape:  # a long case's oracle holds only its sampled rows: no finiteness per element
         bad &= torch.isfinite(truth)

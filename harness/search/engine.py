@@ -165,12 +165,16 @@ class Search:
         self._stuck: set[Case] = set()  # ... whose replay made no finding (not tried again)
         self.explore_runner = self._runner(sink)
         self.shrink_runner = self._runner(None)
+        # One worker process for exploring and shrinking (each runner keeps its own references): a second
+        # one cost a start-up (tens of seconds on a loaded machine) inside the first shrink's budget.
+        # Confirmation still runs in a fresh process of its own.
+        self.shrink_runner.worker = self.explore_runner.worker
 
     def _runner(self, sink: Sink | None) -> CaseRunner:
         return CaseRunner(self.session, isolate=True, timeout=self.limits.timeout, log_dir=self.log_dir, sink=sink)
 
     def close(self) -> None:
-        self.explore_runner.close()
+        self.explore_runner.close()  # the shared worker: stopping it twice is harmless
         self.shrink_runner.close()
 
     def elapsed(self) -> float:
