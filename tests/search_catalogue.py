@@ -5,7 +5,7 @@ shrinks to, and examples per minute; then the correct implementations searched w
     python -m tests.search_catalogue --part suites                       # each kernel on smoke/models/edge
 
 The kernels of each space of tests/search_kernels.py are searched together, as tests/test_search.py
-does (one oracle per example for all; seed 0, at most 150 examples), in a fresh `gqa-harness search`
+does (one oracle per example for all; seed 0, SEARCH_EXAMPLES of the group), in a fresh `gqa-harness search`
 process; a kernel's time to find is its first finding's `found_after_s` (from the search's start:
 worker start-up, canary and earlier shrinks included), then its found.toml runs under `run --suite`.
 Prints one Markdown table (docs/benchmarks-calibration.md keeps it) and exits 1 when a kernel is not
@@ -38,10 +38,11 @@ LABEL = "cpu-x86_64"
 CORRECT = ("sdpa-math", "expanded-kv-math", "tests.wrong_kernels:fp32_reference")
 
 
-def search(impls: list[str], options: tuple[str, ...], out: Path, shrink_budget: float, first_only: bool) -> dict:
+def search(impls: list[str], options: tuple[str, ...], out: Path, shrink_budget: float, first_only: bool,
+           examples: int) -> dict:
     """One `gqa-harness search` in a fresh process; its report's search section (examples per minute in it)."""
     argv = [sys.executable, "-m", "harness.cli", "search", "--device", "cpu", "--budget", "1800",
-            "--max-examples", str(SEARCH_EXAMPLES), "--seed", str(SEARCH_SEED), "--shrink-budget", str(shrink_budget),
+            "--max-examples", str(examples), "--seed", str(SEARCH_SEED), "--shrink-budget", str(shrink_budget),
             "--quiet", *options, "--out", str(out)]
     argv += [a for impl in impls for a in ("--impl", impl)] + (["--max-findings", "1"] if first_only else [])
     subprocess.run(argv, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             continue
         impls = [f"tests.search_kernels:{n}" for n in names]
-        s = search(impls, options, out / group, args.shrink_budget, first_only=False)
+        s = search(impls, options, out / group, args.shrink_budget, first_only=False, examples=SEARCH_EXAMPLES[group])
         failing = run_found(out / group, impls)
         for name, impl in zip(names, impls):
             mine = [f for f in s["findings"] if f["impl"] == impl]
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", "| correct implementations, space | examples | findings | examples/min |", "|---|---|---|---|"]
     for group, (_, options) in SEARCHES.items() if args.part != "kernels" else ():
-        s = search(list(CORRECT), options, out / f"correct-{group}", args.shrink_budget, first_only=False)
+        s = search(list(CORRECT), options, out / f"correct-{group}", args.shrink_budget, first_only=False,
+                   examples=SEARCH_EXAMPLES[group])
         missed += bool(s["findings"])
         lines.append(f"| {', '.join(CORRECT)}; {group} (`{' '.join(options)}`) | {s['examples']} | "
                      f"{len(s['findings'])} | {s['examples_per_minute']} |")

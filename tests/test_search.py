@@ -91,7 +91,7 @@ def test_each_catalogue_kernel_fails_in_its_corner_and_passes_just_outside(name)
 # ---- the catalogue search ------------------------------------------------------------------------
 
 GROUPS = {group: (list(names), list(options)) for group, (names, options) in SEARCHES.items()}
-EXAMPLES = {group: SEARCH_EXAMPLES for group in SEARCHES}
+EXAMPLES = {group: SEARCH_EXAMPLES[group] for group in SEARCHES}
 SMALL = list(SMALL_SPACE)
 
 
