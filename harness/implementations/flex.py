@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.nn.attention.bias import CausalBias
 
 from ..core.case import Case
 from .base import DeviceFacts, Implementation, SdpaCall
@@ -82,6 +81,8 @@ def translate(call: SdpaCall) -> FlexMods:
     offset = causal_offset(case)
     mask_mod = causal_mask_mod(offset) if offset is not None else None
     how = [f"causal mask_mod (offset {offset})"] if offset is not None else []
+    from torch.nn.attention.bias import CausalBias  # here: the module imports torch._dynamo (~1-2 s)
+
     # CausalBias (bottom-right) is a Tensor subclass; its causal part is already the mask_mod above.
     tensor = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) and not isinstance(call.attn_mask, CausalBias) else None
     score_mod = None

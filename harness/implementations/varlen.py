@@ -17,12 +17,23 @@ import torch
 from ..core.case import Case
 from .base import DeviceFacts, Implementation, SdpaCall
 
-try:  # torch >= 2.10 has it; absent, the implementation is UNSUPPORTED with torch's own ImportError
-    from torch.nn.attention.varlen import varlen_attn
-    ABSENT: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the installed torch
-    varlen_attn = None
-    ABSENT = f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn: {exc}"
+# torch >= 2.10 has varlen_attn; absent, the implementation is UNSUPPORTED with torch's own ImportError (ABSENT).
+# Imported on first use, not here: torch.nn.attention.varlen imports torch._dynamo, 1-2 s of every process's
+# start-up (each gqa-harness command, each kernel worker) that only a device running varlen needs.
+varlen_attn = None
+ABSENT: str | None = None
+
+
+def _probe() -> str | None:
+    """Imports varlen_attn once; ABSENT (why this torch has none), or None where it has it."""
+    global varlen_attn, ABSENT
+    if varlen_attn is None and ABSENT is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as found
+            varlen_attn = found
+        except ImportError as exc:  # pragma: no cover - depends on the installed torch
+            ABSENT = f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn: {exc}"
+    return ABSENT
 
 
 def _keywords(hq: int, hkv: int) -> dict:
@@ -41,8 +52,9 @@ def _available(facts: DeviceFacts) -> str | None:
 
 
 def _supports(case: Case, facts: DeviceFacts) -> str | None:
-    if ABSENT:
-        return ABSENT
+    absent = _probe()
+    if absent:
+        return absent
     if case.dtype == "fp32":
         return "varlen_attn runs the flash kernel: fp16 and bf16 only"
     if case.mask not in ("none", "padding") or (case.mask == "padding" and case.mask_fill != "-inf"):
@@ -70,6 +82,7 @@ def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
 
 
 def forward(call: SdpaCall) -> torch.Tensor:
+    _probe()
     b, hq, lq, _ = call.query.shape
     lengths = key_lengths(call)
     q = torch.cat([call.query[i].transpose(0, 1) for i in range(b)])

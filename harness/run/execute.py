@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from ..core.inputs import Inputs, apply_layout, check_strides
 from ..core.oracle import causal_keep
@@ -179,6 +178,8 @@ def _mask_and_causal(case, mask: torch.Tensor | None, device: torch.device, mate
     if mask is None and case.causal == "top-left":
         return None, True
     if mask is None and not materialise:
+        from torch.nn.attention.bias import causal_lower_right  # here: it imports torch._dynamo (~1-2 s)
+
         return causal_lower_right(case.q_len, case.kv_len), False
     keep = causal_keep(case, 0, case.q_len).to(device)
     if mask is None:
