@@ -28,10 +28,13 @@ def test_run_writes_json_and_markdown_and_exits_zero_with_the_canary_failing(tmp
 
 
 def test_a_user_kernel_runs_by_module_and_function_and_a_wrong_one_fails_the_run(tmp_path):
-    ok = gqa("run", "--device", "cpu", "--case", SMALL, "--impl", "tests.wrong_kernels:fp32_reference",
+    # --in-process, no canary: what is pinned is the module:function front door and the exit codes; the
+    # isolated worker running a user kernel is the action's run (tests/test_workflows.py)
+    lean = ("--in-process", "--no-canary")
+    ok = gqa("run", "--device", "cpu", "--case", SMALL, "--impl", "tests.wrong_kernels:fp32_reference", *lean,
              "--out", str(tmp_path / "ok"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = gqa("run", "--device", "cpu", "--case", SMALL, "--impl", "tests.wrong_kernels:tiled_kv_heads",
+    bad = gqa("run", "--device", "cpu", "--case", SMALL, "--impl", "tests.wrong_kernels:tiled_kv_heads", *lean,
               "--out", str(tmp_path / "bad"))
     assert bad.returncode == 1
     markdown = (tmp_path / "bad" / "cpu-x86_64.md").read_text()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from harness import plugin
+from harness.cli import main
 from harness.run import pinning
 from harness.run.pinning import pinned_env, threads_per_worker, worker_index
 
@@ -28,11 +29,6 @@ def pytest_run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) ->
     full_env.pop("PYTEST_XDIST_WORKER_COUNT", None)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:randomly", *args], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=900)
-
-
-def cli_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", "run", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
 
 
 def statuses(report: dict) -> dict[tuple[str, str], tuple[str, tuple[tuple[str, str], ...]]]:
@@ -163,8 +159,10 @@ def test_pytest_n2_gives_the_same_verdicts_as_gqa_harness_run_and_one_merged_rep
                      '[[case]]\nb = 2\nhq = 4\nhkv = 2\nlq = 24\nd = 32\nmask = "fully-masked-rows"\ndtype = "fp16"\n'
                      '[[case]]\n' + "\n".join(f"{k} = {v}" for k, v in
                                               (x.split("=") for x in KNOWN_CPU.split(","))) + "\n")
-    cli = cli_run(tmp_path, "--device", "cpu", "--suite", str(suite), "--quiet", "--out", str(tmp_path / "cli"))
-    assert cli.returncode == 0, cli.stderr
+    # gqa-harness run's main() in this process, kernels in-process (verdicts do not depend on isolation; the plugin's
+    # side below keeps its kernel worker processes)
+    assert main(["run", "--device", "cpu", "--suite", str(suite), "--quiet", "--in-process",
+                 "--out", str(tmp_path / "cli")]) == 0
     # Without a GPU the default device is the CPU and the workers still pin: give them a fake 2-GPU list.
     gpu = torch.cuda.is_available()
     device = ["--gqa-device", "cpu"] if gpu else []
@@ -193,8 +191,10 @@ def test_pytest_n2_gives_the_same_verdicts_as_gqa_harness_run_and_one_merged_rep
 
 @pytest.mark.slow
 def test_ci_runs_the_smoke_suite_through_the_plugin_with_two_workers(tmp_path):
+    # --gqa-in-process: the verdicts of smoke are what is pinned here; the plugin's kernel worker processes under
+    # xdist are pinned by test_pytest_n2_gives_the_same_verdicts_as_gqa_harness_run_and_one_merged_report
     proc = pytest_run(tmp_path, "--gqa-suite", "smoke", "--gqa-device", "cpu", "--gqa-out", str(tmp_path / "smoke"),
-                      "-n", "2", "-q", "-p", "no:cacheprovider")
+                      "-n", "2", "-q", "-p", "no:cacheprovider", "--gqa-in-process")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "smoke" / "cpu-x86_64.json").read_text())
     assert report["summary"]["canary_failed_as_expected"]

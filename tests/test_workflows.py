@@ -15,8 +15,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -233,9 +231,8 @@ def tiny_suite(tmp_path_factory) -> Path:
 def cpu_report(tmp_path_factory, tiny_suite) -> Path:
     """One small real CPU report, standing in for what a GPU job's run step writes."""
     out = tmp_path_factory.mktemp("report")
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--device", "cpu", "--suite", str(tiny_suite),
-                           "--impl", "sdpa-math", "--out", str(out), "--quiet"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["run", "--device", "cpu", "--suite", str(tiny_suite), "--impl", "sdpa-math", "--out", str(out), "--quiet",
+                 "--in-process"]) == 0
     return out / "cpu-x86_64.json"
 
 
@@ -299,11 +296,12 @@ def shard_suite(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, shard_suite) -> Path:
     """The tiny suite in two shards with every default implementation, as a shard job's run step writes them
-    (shard 1 via the CLI, as another runner of the pool would), the unsharded run, and an sdpa-math baseline."""
+    (shard 1 via the CLI, as another runner of the pool would), the unsharded run, and an sdpa-math baseline; and
+    an sdpa-math run as shard 1/1 (the nightly's placed edge report: only its shard settings are read)."""
     root = tmp_path_factory.mktemp("sharded")
     common = ["run", "--device", "cpu", "--suite", str(shard_suite), "--quiet", "--in-process"]
     for args, out in (([], "full"), (["--shard", "1/2"], "shard1"), (["--shard", "2/2"], "shard2"),
-                      (["--shard", "1/1"], "one-shard"), (["--impl", "sdpa-math"], "baseline")):
+                      (["--shard", "1/1", "--impl", "sdpa-math"], "one-shard"), (["--impl", "sdpa-math"], "baseline")):
         assert main([*common, *args, "--out", str(root / out)]) == 0
     return root
 
