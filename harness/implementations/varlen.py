@@ -29,7 +29,7 @@ def _probe() -> str | None:
     global varlen_attn, ABSENT
     if varlen_attn is None and ABSENT is None:
         try:
-            from torch.nn.attention.varlen import varlen_attn as found
+            from torch.nn.attention.varlen import varlen_attn as found  # imports torch._dynamo: on first use
             varlen_attn = found
         except ImportError as exc:  # pragma: no cover - depends on the installed torch
             ABSENT = f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn: {exc}"
