@@ -15,6 +15,7 @@ See docs/benchmarks-calibration.md, "Near-threshold families: -65504 rows and ne
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -106,8 +107,6 @@ def measure(spec: str, impls) -> list[str]:
 
 
 def main(argv=None) -> None:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=1)
