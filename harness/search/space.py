@@ -65,9 +65,9 @@ class SearchSpace:
     def key(self, label: str, impls: list[str]) -> bytes:
         """The example-database key of this space on this device for these implementations: the stored
         examples are Hypothesis choice sequences of this strategy, meaningless for another (so the version
-        in it changes with the strategy: 2 since boundary-biased lengths and the length relation draw)."""
+        in it changes with the strategy: 3 since group sizes are drawn in ascending order)."""
         sizes = f"{self.max_tokens}/{self.max_batch}/{self.max_kv_heads}"
-        text = "|".join(("gqa-harness-search-2", label, ",".join(self.dtypes), self.profile, sizes, ",".join(sorted(impls))))
+        text = "|".join(("gqa-harness-search-3", label, ",".join(self.dtypes), self.profile, sizes, ",".join(sorted(impls))))
         return b"gqa-search." + hashlib.sha256(text.encode()).hexdigest()[:24].encode()
 
     def case_class(self, case: Case) -> CaseClass:
