@@ -177,3 +177,18 @@ def test_a_worker_draws_a_cases_inputs_once_for_its_implementations_and_afresh_a
     monkeypatch.setattr(worker, "execute", real_execute)
     assert worker.serve(task)["hashes"] == first["hashes"] and len(drawn) == 2
     worker.case_inputs.cache_clear()
+
+
+def test_stopping_a_worker_interrupted_between_its_start_and_its_pipe_kills_it_without_a_second_error(tmp_path):
+    """Ctrl-C can land after the process started and before its pipe was kept: close must still kill it."""
+    import multiprocessing
+    import time as _time
+
+    from harness.run.worker import Worker
+
+    worker = Worker("cpu", log_dir=tmp_path)
+    proc = multiprocessing.get_context("spawn").Process(target=_time.sleep, args=(60,), daemon=True)
+    proc.start()
+    worker._proc, worker._conn = proc, None
+    worker.stop()
+    assert not proc.is_alive() and worker.pid is None

@@ -244,7 +244,7 @@ class Worker:
         if self._proc is None:
             return
         try:
-            if self._proc.is_alive():
+            if self._proc.is_alive() and self._conn is not None:
                 try:
                     self._conn.send(None)
                 except OSError:
@@ -254,7 +254,8 @@ class Worker:
                 self._proc.kill()
                 self._proc.join(5)
         finally:
-            self._conn.close()
+            if self._conn is not None:  # None when Ctrl-C landed between the process's start and its pipe
+                self._conn.close()
             self._proc = self._conn = None
 
     close = stop
