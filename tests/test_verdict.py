@@ -205,3 +205,14 @@ def test_worst_status_orders_error_before_fail_before_pass():
     assert worst_status([Status.PASS, Status.FAIL, Status.ERROR]) is Status.ERROR
     assert worst_status([Status.PASS, Status.UNSUPPORTED]) is Status.UNSUPPORTED
     assert worst_status([]) is Status.PASS
+
+
+def test_the_worst_element_is_the_first_largest_absolute_error_in_row_major_order_as_a_flat_argmax_gives():
+    from harness.core.metrics import _worst
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        diff = torch.randint(-3, 4, (2, 3, 5, 4), generator=gen).double()  # many ties, negative maxima
+        flat = int(diff.abs().argmax())
+        assert _worst(diff) == (flat, float(diff.abs().max()))
+    assert _worst(torch.zeros(0, 1, 2, 3, dtype=torch.float64)) == (None, 0.0)

@@ -192,3 +192,30 @@ def test_stopping_a_worker_interrupted_between_its_start_and_its_pipe_kills_it_w
     worker._proc, worker._conn = proc, None
     worker.stop()
     assert not proc.is_alive() and worker.pid is None
+
+
+def test_outputs_come_back_through_the_spool_file_or_inline_and_the_file_is_gone_after(tmp_path):
+    from harness.run.worker import spool_outputs, unspool_outputs
+
+    outcome = Outputs({"out": torch.arange(12, dtype=torch.bfloat16).view(3, 4), "dq": None}, notes={"a": 1})
+    spooled = spool_outputs(outcome, str(tmp_path))
+    assert list(tmp_path.iterdir()) and "outputs" not in spooled
+    back = Outputs(**unspool_outputs(spooled))
+    assert torch.equal(back.tensors["out"], outcome.tensors["out"]) and back.notes == {"a": 1}
+    assert not list(tmp_path.iterdir())
+    inline = spool_outputs(outcome, None)
+    assert torch.equal(Outputs(**unspool_outputs(inline)).tensors["out"], outcome.tensors["out"])
+
+
+def test_outputs_that_cannot_be_spooled_come_back_inline(tmp_path, monkeypatch):
+    from harness.run import worker
+
+    def short_write(obj, fh):
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")  # what a file size limit gives
+
+    outcome = Outputs({"out": torch.ones(2, 2)})
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, fh: short_write(obj, fh) if not hasattr(fh, "getvalue")
+                        else real_save(obj, fh))
+    reply = worker.spool_outputs(outcome, str(tmp_path))
+    assert "outputs" in reply and not list(tmp_path.iterdir())

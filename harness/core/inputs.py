@@ -10,6 +10,7 @@ stride-0 view into a contiguous tensor, so a layout applied before it vanishes.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,14 @@ class Inputs:
         named = {"q": self.q, "k": self.k, "v": self.v, "grad_out": self.grad_out}
         if self.mask is not None:
             named["mask"] = self.mask
-        return {name: tensor_sha256(t) for name, t in named.items()}
+        if sum(t.numel() for t in named.values()) < PARALLEL_HASH_ELEMENTS:
+            return {name: tensor_sha256(t) for name, t in named.items()}
+        # hashlib lets go of the GIL on large buffers: the tensors hash side by side
+        with ThreadPoolExecutor(len(named)) as pool:
+            return dict(zip(named, pool.map(tensor_sha256, named.values())))
+
+
+PARALLEL_HASH_ELEMENTS = 1 << 20
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -56,7 +64,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
     raw = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
     h = hashlib.sha256()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(raw.numpy().tobytes())
+    h.update(memoryview(raw.reshape(-1).numpy()))  # the tensor's own bytes, not a copy of them
     return h.hexdigest()
 
 

@@ -237,18 +237,23 @@ def _tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpr
     `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py).
     `ys`: the case's yardstick for this tensor, when the caller kept it (else computed here)."""
     ys = ys if ys is not None else _yardstick(name, oracle, lowprec, inputs, row_noise)
-    a = actual.detach().to("cpu", torch.float64)
+    actual = actual.detach().cpu()
     o, o_finite = ys.oracle, ys.finite
-    a_finite = torch.isfinite(a)
-    # the common case, both finite everywhere: the same values without the masking passes
-    clean = ys.oracle_nonfinite == 0 and bool(a_finite.all())
-    diff = a - o if clean else torch.where(a_finite & o_finite, a - o, torch.zeros((), dtype=torch.float64))
+    # the common case, both finite everywhere: the same values without an fp64 copy or masking passes
+    # (the subtraction promotes to fp64 exactly as a copy would)
+    clean = ys.oracle_nonfinite == 0 and bool(torch.isfinite(actual).all())
+    a = a_finite = None
+    if clean:
+        diff = torch.sub(actual, o)
+    else:
+        a = actual.to(torch.float64)
+        a_finite = torch.isfinite(a)
+        diff = torch.where(a_finite & o_finite, a - o, torch.zeros((), dtype=torch.float64))
     err2 = _row_sq(diff)
     levels = {level: replace(ys.levels[level], err=_norm(err2, level)) for level in LEVELS}
 
-    abs_diff = diff.abs()
-    worst = int(abs_diff.argmax()) if abs_diff.numel() else None
-    worst_index = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), a.shape)) if worst is not None else None
+    worst, max_abs = _worst(diff)
+    worst_index = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), diff.shape)) if worst is not None else None
     return TensorMetrics(
         tensor=name,
         levels=levels,
@@ -259,11 +264,23 @@ def _tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowpr
         nonfinite_pattern_matches=clean or bool((~a_finite | o_finite).all()),
         oracle_absmax=ys.oracle_absmax,
         worst_index=worst_index,
-        worst_actual=float(a.reshape(-1)[worst]) if worst is not None else None,
-        worst_oracle=float(o.reshape(-1)[worst]) if worst is not None else None,
-        max_abs_err=float(abs_diff.max()) if abs_diff.numel() else 0.0,
+        worst_actual=float(actual[worst_index]) if worst_index is not None else None,
+        worst_oracle=float(o[worst_index]) if worst_index is not None else None,
+        max_abs_err=max_abs,
         nonfinite_where={} if clean else where_nonfinite(~a_finite & o_finite),
     )
+
+
+def _worst(diff: torch.Tensor) -> tuple[int | None, float]:
+    """(flat index of the largest |diff|, its value): the first such element in row-major order, as
+    argmax over the flattened |diff| gives, found row by row without an |diff| copy of the tensor."""
+    if not diff.numel():
+        return None, 0.0
+    rows = diff.reshape(-1, diff.shape[-1])
+    low, high = torch.aminmax(rows, dim=-1)
+    row = int(torch.maximum(high, -low).argmax())
+    col = int(rows[row].abs().argmax())
+    return row * rows.shape[1] + col, float(rows[row, col].abs())
 
 
 @contextmanager

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -118,9 +119,43 @@ def serve(task: dict[str, Any]) -> dict[str, Any]:
         case_inputs.cache_clear()
     if isinstance(outcome, Failure):
         return {"failure": asdict(outcome), "sticky": is_sticky(outcome), "kernel": kernel}
+    return {**spool_outputs(outcome, task.get("spool")), "hashes": hashes, "kernel": kernel}
+
+
+def spool_outputs(outcome: Outputs, spool: str | None) -> dict[str, Any]:
+    """The outputs as a file in the parent's spool directory (memory-backed where /dev/shm is), which
+    the parent maps instead of reading through the pipe: pickling tens of MB per call through
+    multiprocessing's pipe was half of a GPU suite's wall time. Inline bytes without a spool or when
+    the file cannot be written (a full /dev/shm or disk, a file size limit)."""
+    if spool:
+        fd, path = tempfile.mkstemp(suffix=".pt", dir=spool)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(outcome.__dict__, fh)
+            return {"outputs_path": path}
+        except (OSError, RuntimeError):  # torch.save's writer reports a short write as a RuntimeError
+            Path(path).unlink(missing_ok=True)
     buf = io.BytesIO()
     torch.save(outcome.__dict__, buf)
-    return {"outputs": buf.getvalue(), "hashes": hashes, "kernel": kernel}
+    return {"outputs": buf.getvalue()}
+
+
+def unspool_outputs(reply: dict[str, Any]) -> dict[str, Any]:
+    """spool_outputs' other half: the file is mapped, not read (torch.load mmap), and unlinked at once."""
+    if "outputs_path" not in reply:
+        return torch.load(io.BytesIO(reply["outputs"]), weights_only=False)
+    path = reply["outputs_path"]
+    try:
+        return torch.load(path, mmap=True, weights_only=False)
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def spool_directory() -> str:
+    """Where a worker leaves its outputs for the parent: memory-backed when /dev/shm takes files."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="gqa-spool-", dir=base)
 
 
 def die_with(parent_pid: int) -> None:
@@ -215,6 +250,8 @@ class Worker:
         self._proc = None
         self._conn = None
         self._log: Path | None = None
+        self._spool: str | None = None  # spool_outputs' directory while a process runs
+        self._hashed: tuple[Inputs, dict[str, str]] | None = None  # (the last case's inputs, their hashes)
 
     @property
     def pid(self) -> int | None:
@@ -227,6 +264,7 @@ class Worker:
         self._log = self.log_dir / f"worker-{self.starts}.log"
         self._proc = ctx.Process(target=_child_main, args=(child, self.device, str(self._log), os.getpid()),
                                  name=f"gqa-worker-{self.device}", daemon=True)
+        self._spool = self._spool or spool_directory()
         self._proc.start()
         child.close()
         self._conn = parent
@@ -256,7 +294,9 @@ class Worker:
         finally:
             if self._conn is not None:  # None when Ctrl-C landed between the process's start and its pipe
                 self._conn.close()
-            self._proc = self._conn = None
+            if self._spool:  # a file the dead process left half-written goes with it
+                shutil.rmtree(self._spool, ignore_errors=True)
+            self._proc = self._conn = self._spool = None
 
     close = stop
 
@@ -289,7 +329,8 @@ class Worker:
         budget = timeout_budget(case, self.device_kind, self.repeat, self.timeout) if timeout is None else timeout
         offset = self._log_size()
         self.history.append(Call(case, impl))
-        self._conn.send({"case": case.to_dict(), "impl": impl, "device": self.device, "repeat": self.repeat})
+        self._conn.send({"case": case.to_dict(), "impl": impl, "device": self.device, "repeat": self.repeat,
+                         "spool": self._spool})
         if not self._conn.poll(budget):
             self._proc.kill()
             self._reap()
@@ -305,6 +346,13 @@ class Worker:
             raise WorkerCrash(f"device error, context poisoned: {reply['failure']['message']}", self._tail(offset))
         return reply
 
+    def _parent_hashes(self, inputs: Inputs) -> dict[str, str]:
+        """The parent's input hashes, once per case: every implementation of a case shares one Inputs,
+        which only the oracle reads in this process."""
+        if self._hashed is None or self._hashed[0] is not inputs:
+            self._hashed = (inputs, inputs.hashes())
+        return self._hashed[1]
+
     def execute(self, impl: Implementation, inputs: Inputs, device: str) -> Outputs | Failure:
         """execute.execute's contract, across the process boundary."""
         self.last_kernel = None
@@ -318,7 +366,7 @@ class Worker:
                            {"stderr": exc.stderr})
         if "failure" in reply:
             return Failure(**reply["failure"])
-        if reply["hashes"] != inputs.hashes():
+        if reply["hashes"] != self._parent_hashes(inputs):
             return Failure("harness", "harness defect: the worker regenerated inputs that differ from the parent's "
                                       "(SHA-256 mismatch)")
-        return Outputs(**torch.load(io.BytesIO(reply["outputs"]), weights_only=False))
+        return Outputs(**unspool_outputs(reply))
