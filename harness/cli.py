@@ -36,7 +36,7 @@ from .reports.summary import SUMMARY_LIMIT, SummaryError, summarize
 from .repro.issue import write_repro
 from .repro.script import ReproError
 from .repro.shrink import ShrinkError, judge_with, shrink
-from .run.env import DeviceError, device_facts, fingerprint
+from .run.env import DeviceError, device_facts, fingerprint, keep_freed_blocks
 from .run.order import replay
 from .run.plan import RunPlan, case_sources, execute_plan, partial_note, plan_digest, resume_done
 from .run.session import Session
@@ -350,6 +350,7 @@ COMMANDS = {"run": cmd_run, "replay": cmd_replay, "env": cmd_env, "implementatio
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
+    keep_freed_blocks()
     try:
         return COMMANDS[args.command](args)
     except BAD_INPUT as exc:

@@ -68,3 +68,18 @@ def test_rocm_version_is_read_from_the_rocm_install_and_absent_without_one(tmp_p
     (tmp_path / ".info" / "version").write_text("7.2.4-43\n")
     assert rocm_version({"ROCM_PATH": str(tmp_path)}) == "7.2.4-43"
     assert rocm_version({"ROCM_PATH": str(tmp_path / "nowhere")}) is None
+
+
+def test_the_cli_keeps_freed_blocks_through_mallopt_and_skips_where_the_c_library_has_none():
+    from harness.run.env import KEEP_BLOCKS_BELOW, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_blocks
+
+    calls = []
+
+    class Glibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    assert keep_freed_blocks(Glibc()) is True
+    assert calls == [(M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)]
+    assert keep_freed_blocks(object()) is False  # musl, macOS: no mallopt

@@ -8,6 +8,8 @@ HIP and MIOpen, the driver, allocator settings, the pip packages torch lists), r
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import importlib.metadata
 import os
@@ -172,6 +174,28 @@ def pin_process_state() -> dict[str, Any]:
     """Set the process-global settings that change numerics to what every result assumes, and return
     them for the fingerprint. Called once per process that runs kernels (the session's, each worker)."""
     return {"math_fp16_bf16_reduction_allowed": pin_math_reduction(False)}
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_BLOCKS_BELOW = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def keep_freed_blocks(libc: Any = None) -> bool:
+    """Let glibc serve the oracle's blocks (2 MiB logits, per-head buffers, up to 32 MiB) from its heap
+    and keep them after free, instead of a fresh mmap per block whose pages fault in again on every
+    use: the fp64 oracle at d128 on 2 threads went from 70-75 to 86-88 GFLOP/s (docs/benchmarks-
+    calibration.md). The price is a run process whose resident set stays at its peak. A no-op where
+    the C library has no mallopt (musl, macOS). Called once, by the CLI, for the run's own process."""
+    if libc is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW))
 
 
 def _cpu_model() -> str:
