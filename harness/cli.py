@@ -40,6 +40,7 @@ from .run.env import DeviceError, device_facts, fingerprint, keep_freed_blocks
 from .run.order import replay
 from .run.plan import RunPlan, case_sources, execute_plan, partial_note, plan_digest, resume_done
 from .run.session import Session
+from .run.stages import StageClock
 from .run.shards import ShardError, shard_fingerprint, shard_selection
 from .run.worker import Call
 from .search.command import options_from_args, search_command
@@ -117,13 +118,19 @@ def cmd_run(args) -> int:
     done = resume_done(plan, resumed.records)
     started = _now()
     finished = False
+    clock = StageClock() if args.stages else None
+    wall = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed job still writes its partial report
     try:
-        execute_plan(session, plan, sink, Progress(args.quiet), done, prior=resumed.records)
+        execute_plan(session, plan, sink, Progress(args.quiet), done, clock=clock, prior=resumed.records)
         finished = True
     finally:
         signal.signal(signal.SIGTERM, previous)
         sink.close()
+        if clock is not None:  # this pass's own split, partial or not (a resumed run's covers what it ran)
+            (out / "stages.json").write_text(json.dumps(
+                {"wall_s": round(time.perf_counter() - wall, 3), "finished": finished, "stages": clock.to_dict()},
+                indent=1))
         settings = {"command": " ".join(["gqa-harness", *sys.argv[1:]]), "started": started, "finished": _now(),
                     "suite": ",".join(args.suite) or None, "max_tokens": args.max_tokens,
                     "implementations": [i.name for i in impls], "unavailable": unavailable,

@@ -68,6 +68,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                      "order-dependent failures")
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="budget per (case, implementation) (default: scaled by the case's FLOPs)")
+    run.add_argument("--stages", action="store_true", help="also write stages.json beside the report: where the "
+                     "run's wall and CPU time went, stage by stage (as bench --suite-only)")
 
     replay_p = sub.add_parser("replay", help="run calls in order in one fresh worker; the last one is judged "
                               "(an order-dependent failure's reproduce command)")

@@ -78,3 +78,17 @@ def test_suite_only_splits_a_run_by_stage_and_its_json_is_a_valid_bench_file(tmp
     assert s["statuses"]["PASS"] >= 1 and sum(s["statuses"].values()) == s["results"]
     assert main(["bench", "--suite-only", "--suite", "none"]) == 2
     assert "--suite-only" in capsys.readouterr().err
+
+
+def test_run_with_stages_writes_its_own_split_beside_the_report(tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text("[[case]]\nb = 1\nhq = 2\nhkv = 1\nlq = 16\nd = 16\ndtype = 'bf16'\n")
+    out = tmp_path / "run"
+    assert main(["run", "--device", "cpu", "--suite", str(suite), "--impl", "sdpa-math", "--stages", "--quiet",
+                 "--out", str(out)]) == 0
+    split = json.loads((out / "stages.json").read_text())
+    assert split["finished"] and split["wall_s"] > 0
+    assert {"oracle", "kernel", "transfer", "judge"} <= set(split["stages"])
+    assert main(["run", "--device", "cpu", "--suite", str(suite), "--impl", "sdpa-math", "--quiet",
+                 "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "stages.json").exists()
