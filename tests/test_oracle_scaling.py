@@ -75,13 +75,17 @@ def test_a_failing_forked_unit_fails_the_call_and_leaves_no_child(monkeypatch):
                 raise ValueError("boom")
         return fn
 
+    children, real_fork = [], parallel.os.fork
+    monkeypatch.setattr(parallel.os, "fork", lambda: (lambda pid: children.append(pid) or pid)(real_fork()))
     shares = parallel.assign([1, 1, 1, 1], 2)  # [[0, 2], [1, 3]]: the second share goes to a child
     with pytest.raises(RuntimeError, match="forked worker"):
         parallel._on_processes((0, 1, 2, 3), fails_on(3), shares)
     with pytest.raises(ValueError, match="boom"):  # this process's own share: the child is killed, not left
         parallel._on_processes((0, 1, 2, 3), fails_on(2), shares)
-    with pytest.raises(ChildProcessError):
-        parallel.os.waitpid(-1, parallel.os.WNOHANG)
+    assert len(children) == 2
+    for pid in children:  # each reaped: no zombie, no orphan
+        with pytest.raises(ChildProcessError):
+            parallel.os.waitpid(pid, parallel.os.WNOHANG)
 
 
 def test_units_are_assigned_longest_first_to_the_least_loaded_worker():
