@@ -32,8 +32,10 @@ PROCESS_MIN_COST = 1 << 23  # logits computed (workplan cost); below this a case
 def share(t: torch.Tensor) -> None:
     """Back `t` by anonymous shared memory, in place, so forked children's writes reach this process.
     Not Tensor.share_memory_(): that goes through /dev/shm, which containers often cap at 64 MiB."""
-    buf = mmap.mmap(-1, max(1, t.numel() * t.element_size()), flags=mmap.MAP_SHARED)
-    shared = torch.frombuffer(buf, dtype=t.dtype, count=t.numel()).view(t.shape) if t.numel() else t.clone()
+    if not t.numel():
+        return  # nothing a child could write
+    buf = mmap.mmap(-1, t.numel() * t.element_size(), flags=mmap.MAP_SHARED)
+    shared = torch.frombuffer(buf, dtype=t.dtype, count=t.numel()).view(t.shape)
     shared.copy_(t)
     t.set_(shared)
 
@@ -80,13 +82,13 @@ def _on_processes(units: tuple, fn: Callable, shares: list[list[int]]) -> None:
     the call (its traceback on stderr), and an interrupted call leaves no child behind."""
     children: list[int] = []
     try:
-        for share in shares[1:]:
+        for mine in shares[1:]:
             pid = os.fork()
             if pid == 0:  # the child: run its units, never return into the caller's stack
                 code = 0
                 try:
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    for i in share:
+                    for i in mine:
                         fn(units[i])
                 except BaseException:  # noqa: BLE001 - reported through the exit status
                     traceback.print_exc()

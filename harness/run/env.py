@@ -184,8 +184,9 @@ KEEP_BLOCKS_BELOW = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 def keep_freed_blocks(libc: Any = None) -> bool:
     """Let glibc serve the oracle's blocks (2 MiB logits, per-head buffers, up to 32 MiB) from its heap
     and keep them after free, instead of a fresh mmap per block whose pages fault in again on every
-    use: the fp64 oracle at d128 on 2 threads went from 70-75 to 86-88 GFLOP/s (docs/benchmarks-
-    calibration.md). The price is a run process whose resident set stays at its peak. A no-op where
+    use: on 2 threads the median oracle/GEMM ratio over five alternated process pairs went 0.494 ->
+    0.519 at d128 and 0.528 -> 0.549 at d256 (d64 unchanged), small beside run-to-run noise of +-10 %.
+    The price is a run process whose resident set stays at its peak. A no-op where
     the C library has no mallopt (musl, macOS). Called once, by the CLI, for the run's own process."""
     if libc is None:
         try:
