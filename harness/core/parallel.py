@@ -8,8 +8,8 @@ Why processes: on the lent H100's 16-core host every oracle block took 5x longer
 (d128: 0.65 s on 1 thread, 0.22 s on 16, 0.15 of the fp64 GEMM), while a 32 KB torch op, pure dispatch,
 went from 5 us to 656 us: the ~45 ops of a block each hand the interpreter's lock back and forth
 (docs/benchmarks-calibration.md, "On a GPU host"). Forked children share nothing but the output
-buffers (shared memory) and each has its own interpreter. Up to 4 threads scaled (0.58 of the GEMM), so
-threads stay below PROCESSES_FROM and for small work, where a fork costs more than it saves.
+buffers (shared memory) and each has its own interpreter. Up to 4 threads scaled (0.58 of the GEMM). Measured
+afterwards, processes did not pay either (PROCESSES_FROM): they are off unless a caller turns them on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ from typing import Callable, Sequence
 
 import torch
 
-PROCESSES_FROM = 8  # workers; measured: 4 threads kept 0.58 of the GEMM, 8 fell to 0.30
+# Off (None): measured on the H100's 16-core host at 8c56588, processes from 8 workers did not pay. The
+# oracle bench stayed at 0.08 / 0.15 / 0.20 of the fp64 GEMM (threads: 0.08 / 0.15 / 0.17), and the
+# models suite's low-precision stage took 121 s against 60 s on threads (oracle stage 33 s against 21 s):
+# each call forks 15 children of a process holding torch and CUDA, and their first writes fault in pages.
+# Kept, tested, for a caller that sets a worker count (tests do).
+PROCESSES_FROM: int | None = None
 PROCESS_MIN_COST = 1 << 23  # logits computed (workplan cost); below this a case takes a few ms
 
 
@@ -41,7 +46,7 @@ def share(t: torch.Tensor) -> None:
 
 
 def use_processes(workers: int, cost: int) -> bool:
-    return workers >= PROCESSES_FROM and cost >= PROCESS_MIN_COST and hasattr(os, "fork") and hasattr(mmap, "MAP_SHARED")
+    return PROCESSES_FROM is not None and workers >= PROCESSES_FROM and cost >= PROCESS_MIN_COST and hasattr(os, "fork") and hasattr(mmap, "MAP_SHARED")
 
 
 def assign(costs: Sequence[int], workers: int) -> list[list[int]]:

@@ -61,6 +61,9 @@ def _supports(case: Case, facts: DeviceFacts) -> str | None:
         return f"mask={case.mask!r} (fill {case.mask_fill}) is not a per-sequence key length: varlen takes none"
     if case.causal != "none" and (case.mask != "none" or case.q_len != case.kv_len):
         return "causal with unequal query and key lengths: varlen aligns its causal window per sequence"
+    if case.value_dim != case.head_dim:
+        # torch 2.11 on an H100 raised "v must have shape (total_k, num_heads_k, head_size_og)" for d192/dv128
+        return f"value head dim {case.value_dim} != query/key head dim {case.head_dim}: varlen_attn takes one head size"
     return None
 
 
