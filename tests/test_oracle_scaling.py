@@ -43,58 +43,6 @@ def test_oracle_bits_do_not_depend_on_the_thread_count(case, chunk, rows):
         assert torch.equal(lowprec[0][name], lowprec[1][name]), name
 
 
-@pytest.mark.parametrize("case,chunk,rows", [
-    (Case(2, 8, 2, 150, 150, 32, causal="top-left"), 7, None),
-    (Case(1, 6, 2, 200, 64, 16, mask="fully-masked-rows"), 9, torch.tensor([0, 1, 63, 64, 65, 130, 199])),
-], ids=["causal-parts", "sampled-dead-rows"])
-def test_units_on_forked_processes_give_the_bits_of_one_thread(case, chunk, rows, monkeypatch):
-    from harness.core import parallel
-
-    inputs = make_inputs(case)
-    alone = _with_threads(1, lambda: oracle(inputs, chunk=chunk, rows=rows).tensors())
-    forks = []
-    real_fork = parallel.os.fork
-    monkeypatch.setattr(parallel, "PROCESSES_FROM", 2)
-    monkeypatch.setattr(parallel, "PROCESS_MIN_COST", 0)
-    monkeypatch.setattr(parallel.os, "fork", lambda: forks.append(1) or real_fork())
-    forked = _with_threads(3, lambda: oracle(inputs, chunk=chunk, rows=rows).tensors())
-    design = designs(torch.float16)[3]
-    lowprec = [_with_threads(n, lambda: attention(inputs, torch.float32, design, chunk).tensors()) for n in (1, 3)]
-    assert len(forks) >= 2  # the units did go to children
-    for name in alone:
-        assert torch.equal(alone[name], forked[name]), name
-        assert torch.equal(lowprec[0][name], lowprec[1][name]), name
-
-
-def test_a_failing_forked_unit_fails_the_call_and_leaves_no_child(monkeypatch):
-    from harness.core import parallel
-
-    def fails_on(bad):
-        def fn(unit):
-            if unit == bad:
-                raise ValueError("boom")
-        return fn
-
-    children, real_fork = [], parallel.os.fork
-    monkeypatch.setattr(parallel.os, "fork", lambda: (lambda pid: children.append(pid) or pid)(real_fork()))
-    shares = parallel.assign([1, 1, 1, 1], 2)  # [[0, 2], [1, 3]]: the second share goes to a child
-    with pytest.raises(RuntimeError, match="forked worker"):
-        parallel._on_processes((0, 1, 2, 3), fails_on(3), shares)
-    with pytest.raises(ValueError, match="boom"):  # this process's own share: the child is killed, not left
-        parallel._on_processes((0, 1, 2, 3), fails_on(2), shares)
-    assert len(children) == 2
-    for pid in children:  # each reaped: no zombie, no orphan
-        with pytest.raises(ChildProcessError):
-            parallel.os.waitpid(pid, parallel.os.WNOHANG)
-
-
-def test_units_are_assigned_longest_first_to_the_least_loaded_worker():
-    from harness.core.parallel import assign
-
-    assert assign([5, 1, 4, 2, 3], 2) == [[0, 3, 1], [2, 4]]
-    assert sorted(i for share in assign(list(range(10)), 3) for i in share) == list(range(10))
-
-
 def test_the_work_plan_covers_every_chunk_of_every_head_block_once_and_bounds_partials():
     chunks = [Chunk(r, r + 5, 0, 40) for r in range(0, 100, 5)]
     plan = plan_work(batch=2, kv_heads=3, heads_per_block=2, chunks=chunks, partial_bytes=10)

@@ -19,13 +19,13 @@ and gradient 0. Rows filled with finite finfo.min / -65504 are ordinary rows.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from .case import Case
 from .inputs import Inputs
-from .parallel import run_units, share
 from .workplan import Chunk, WorkPlan, plan_work
 
 BLOCK_BYTES = 2 * 2**20  # one logits block (kv group x rows x keys); a few live at once, in cache
@@ -127,6 +127,24 @@ def row_chunks(case: Case, positions: torch.Tensor, chunk: int) -> list[Chunk]:
     return out
 
 
+def _parallel(units: tuple, fn) -> None:
+    """Run fn over units on torch's thread count, each op single-threaded, with one thread too: a
+    GEMM's bits may depend on its own thread count, and an OpenMP fork/join per small op costs more
+    than it gains (far more on a shared, loaded machine)."""
+    previous = torch.get_num_threads()
+    workers = min(previous, len(units))
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1:
+            for unit in units:
+                fn(unit)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fn, units))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _rows_major(t: torch.Tensor, b: int, hkv: int, g: int, compute: torch.dtype,
                rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hq, L, D) -> contiguous (B, Hkv, L, G, D) in `compute` (only `rows` of L when given): a
@@ -196,13 +214,8 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
                 _block(case, policy, normalise, (b0, b1, unit.h0, unit.h1), c.r0, c.r1, c.c0, c.c1, positions,
                        qs, k, ks, v, do, mask, out, lse, dq, dk_t, dv_t)
 
-    def to_shared() -> None:  # what the units write, when they run in forked processes (parallel.py)
-        for t in (out, lse, dq, dk_acc, dv_acc, *(t for pair in extra for t in pair)):
-            if t is not None:
-                share(t)
-
-    # each unit writes only its own rows and its own partial: results do not depend on threads or processes
-    run_units(plan.units, run_unit, [u.cost for u in plan.units], to_shared)
+    # each unit writes only its own rows and its own partial: results do not depend on threads
+    _parallel(plan.units, run_unit)
     for dk_p, dv_p in extra:  # the fixed-order reduction
         dk_acc += dk_p
         dv_acc += dv_p
