@@ -14,7 +14,7 @@ import torch
 from tabulate import tabulate
 
 from .core.case import CaseError, case_spec, parse_case_spec
-from .core.known import KnownFailuresError
+from .core.known import KnownFailuresError, known_settings
 from .core.suites import SuiteError, select_cases
 from .implementations import RegistryError, builtin_implementations
 from .lab.audit import audit_command
@@ -134,7 +134,7 @@ def cmd_run(args) -> int:
         settings = {"command": " ".join(["gqa-harness", *sys.argv[1:]]), "started": started, "finished": _now(),
                     "suite": ",".join(args.suite) or None, "max_tokens": args.max_tokens,
                     "implementations": [i.name for i in impls], "unavailable": unavailable,
-                    "tolerances": session.tolerances.as_dict(), "known_entries": [k.id for k in session.known],
+                    "tolerances": session.tolerances.as_dict(), **known_settings(session.known),
                     "strict": args.strict, "shard": shard}
         records, skipped = read_stream_checked(stream)
         if skipped or resumed.forced:

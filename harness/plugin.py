@@ -28,6 +28,7 @@ import pytest
 
 from .core.case import CaseError, case_spec
 from .core.generate import register_profiles
+from .core.known import known_settings
 from .core.results import ImplResult
 from .core.suites import SuiteCase, SuiteError, select_cases
 from .implementations import RegistryError
@@ -160,7 +161,7 @@ class RunState:
                        "fingerprint": shard_fingerprint(self.session.fingerprint(), self.shard),
                        "pinned": self.pinned, "implementations": [i.name for i in self.impls if not i.canary],
                        "unavailable": self.unavailable, "tolerances": self.session.tolerances.as_dict(),
-                       "known_entries": [k.id for k in self.session.known]})
+                       **known_settings(self.session.known)})
             self.runner = CaseRunner(self.session, isolate=self.isolate, sink=with_sources(self.sink, self.sources))
         result = self.runner.run(case, impl)
         self.sink({"type": "result", **result.to_dict()})
@@ -191,6 +192,7 @@ def merge_parts(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Pa
     fp = heads[0]["fingerprint"]
     settings = {**settings, "implementations": heads[0]["implementations"], "unavailable": heads[0]["unavailable"],
                 "tolerances": heads[0]["tolerances"], "known_entries": heads[0]["known_entries"],
+                "known_by_pattern": heads[0].get("known_by_pattern", []),
                 "pytest_workers": {h["worker"]: {"pinned": h["pinned"], "device": h["fingerprint"].get("device"),
                                                  "device_name": h["fingerprint"].get("device_name")} for h in heads},
                 "shard": heads[0].get("shard")}

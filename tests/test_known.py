@@ -10,7 +10,7 @@ import pytest
 
 from harness.core.case import Case
 from harness.cli import main
-from harness.core.known import KnownFailuresError, load_known, version_matches, version_tuple
+from harness.core.known import KnownFailuresError, known_settings, load_known, version_matches, version_tuple
 from harness.core.verdict import Where, apply_known
 from harness.run.env import cudnn_version
 from harness.reports.ledger import entry_states, fixed_in_run, load_reports
@@ -155,11 +155,24 @@ def test_fixed_and_stale_entries_are_listed(tmp_path):
     (tmp_path / "r" / "b.json").write_text(json.dumps(recent))
     (tmp_path / "r" / "not-a-report.json").write_text("[1, 2]")
     states = {s.id: s.state for s in entry_states(known, load_reports([tmp_path / "r"]), now, days=30)}
-    assert states == {"bf16-group-sum": "FIXED", "gone": "stale", "old": "stale"}
+    assert states == {"bf16-group-sum": "FIXED here (case pattern: confirm on a full run)", "gone": "stale",
+                      "old": "stale"}
     assert fixed_in_run(recent) == [
         "known-failure entry bf16-group-sum matched 2 result tensors and every one passed: FIXED, remove it "
         "from cases/known-failures.toml"]
     assert fixed_in_run(old) == []
+
+
+def test_a_pattern_entry_that_passed_is_fixed_only_here(tmp_path):
+    """case = "*" passing on a small selection does not show the bug gone from the cases it skipped."""
+    report = _report({"bf16-group-sum": (2, 0)}, datetime.now(timezone.utc))
+    report["settings"]["known_by_pattern"] = ["bf16-group-sum"]
+    [line] = fixed_in_run(report)
+    assert "its case pattern reaches cases this run did not select: confirm on a full run" in line
+    assert "FIXED, remove it" not in line
+    exact = ENTRY.format(torch="*", ceiling=1.0).replace('case = "*"', 'case = ["b1-h8x2-q64-k64-d64-bf16-s0"]')
+    known = load_known(_toml(tmp_path, ENTRY.format(torch="*", ceiling=1.0) + exact.replace("bf16-group-sum", "exact")))
+    assert known_settings(known) == {"known_entries": ["bf16-group-sum", "exact"], "known_by_pattern": ["bf16-group-sum"]}
 
 
 def test_known_command(tmp_path, capsys):

@@ -303,3 +303,15 @@ def load_known(path: Path | None = None) -> list[KnownFailure]:
     if dupes:
         raise KnownFailuresError(f"{path}: duplicate id(s) {', '.join(dupes)}")
     return entries
+
+
+def names_cases_by_pattern(entry: KnownFailure) -> bool:
+    """True when the entry's `case` has a wildcard: one run passing what it matched does not show the
+    bug gone from the cases the pattern reaches that the run did not select."""
+    return any(ch in pattern for pattern in entry.case for ch in "*?[")
+
+
+def known_settings(known: list[KnownFailure]) -> dict[str, Any]:
+    """What a saved run records of the entries it loaded: their ids, and which name cases by pattern."""
+    return {"known_entries": [k.id for k in known],
+            "known_by_pattern": [k.id for k in known if names_cases_by_pattern(k)]}

@@ -15,7 +15,7 @@ from typing import Any
 from ..core.known import KNOWN_FILE, entry_lines
 from ..core.suites import display_path
 from .explain import reproduce_command
-from .ledger import entry_states_in_run
+from .ledger import entry_states_in_run, fixed_advice
 from .report import failure_rows
 
 MAX_ANNOTATIONS = 10  # GitHub's per-step limit for each of error and warning annotations
@@ -70,8 +70,8 @@ def fixed_annotations(report: dict[str, Any], known_file: Path = KNOWN_FILE,
     out = []
     for entry, (counts, state) in entry_states_in_run(report).items():
         if state.startswith("FIXED"):
-            out.append(command("warning", f"known-failure entry {entry} matched {counts['matched']} result tensors "
-                               f"on {report['fingerprint'].get('device_label')} and every one passed: FIXED, remove it",
+            where = f" on {report['fingerprint'].get('device_label')}"
+            out.append(command("warning", fixed_advice(entry, counts["matched"], state, where),
                                display_path(str(known_file)), lines.get(entry, 0), f"FIXED known failure {entry}"))
     return out[:limit]
 

@@ -2,7 +2,8 @@
 
 An entry is
   * active  — the latest report it matched still had a failure it absorbed (KNOWN);
-  * FIXED   — the latest report it matched had results it matched but no failure: remove it;
+  * FIXED   — the latest report it matched had results it matched but no failure: remove it (for an
+              entry whose `case` is a pattern, once a full run of its suites confirms it);
   * stale   — no report in the window matched it at all (its backend, version range or cases
               no longer run anywhere): check whether it still describes anything.
 `gqa-harness known [REPORTS...]` prints the table; reports are the JSON files runs write
@@ -19,7 +20,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ..core.known import KnownFailure, load_known
+from ..core.known import KnownFailure, load_known, names_cases_by_pattern
 from .store import find_reports
 
 
@@ -48,31 +49,49 @@ def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
     return dict(out)
 
 
-def entry_state(counts: dict[str, int]) -> str:
+FIXED = "FIXED: every matching tensor passed, the entry can go"
+FIXED_HERE = ("FIXED here: every matching tensor passed, but its case pattern reaches cases this run did not "
+              "select: confirm on a full run of the suites it came from before removing it")
+
+
+def entry_state(counts: dict[str, int], by_pattern: bool = False) -> str:
     """FIXED only when every matching tensor passed: an entry whose failures went past its ceiling is
-    not fixed, it is worse."""
+    not fixed, it is worse. A pattern entry is only FIXED 'here': a small selection that passed says
+    little about the cases it did not select."""
     if counts["beyond"]:
         return "failing beyond its ceiling"
     if counts["known"]:
         return "absorbed"
-    return "FIXED: every matching tensor passed, the entry can go" if counts["passed"] else "matched, not judged"
+    if not counts["passed"]:
+        return "matched, not judged"
+    return FIXED_HERE if by_pattern else FIXED
 
 
 def entry_states_in_run(report: dict[str, Any]) -> dict[str, tuple[dict[str, int], str]]:
     """Every entry of the run: its counts and state; entries the run loaded but never matched are
     'not exercised'."""
     summary = known_entry_summary(report)
-    loaded = (report.get("settings") or {}).get("known_entries") or []
+    settings = report.get("settings") or {}
+    loaded = settings.get("known_entries") or []
+    by_pattern = set(settings.get("known_by_pattern") or [])
     zero = {"matched": 0, "known": 0, "beyond": 0, "passed": 0}
-    states = {e: (summary.get(e, zero), entry_state(summary[e]) if e in summary else "not exercised")
+    states = {e: (summary.get(e, zero), entry_state(summary[e], e in by_pattern) if e in summary else "not exercised")
               for e in [*loaded, *summary]}
     return dict(sorted(states.items()))
 
 
+def fixed_advice(entry: str, matched: int, state: str, where: str = "") -> str:
+    """The one line a run prints (and CI annotates) for an entry it found FIXED."""
+    head = f"known-failure entry {entry} matched {matched} result tensors{where} and every one passed"
+    if state == FIXED_HERE:
+        return head + ("; its case pattern reaches cases this run did not select: confirm on a full run of the "
+                       "suites it came from, then remove it from cases/known-failures.toml")
+    return head + ": FIXED, remove it from cases/known-failures.toml"
+
+
 def fixed_in_run(report: dict[str, Any]) -> list[str]:
     """One line per entry this run matched where every matching tensor passed."""
-    return [f"known-failure entry {entry} matched {v['matched']} result tensors and every one passed: FIXED, "
-            "remove it from cases/known-failures.toml" for entry, (v, state) in entry_states_in_run(report).items()
+    return [fixed_advice(entry, v["matched"], state) for entry, (v, state) in entry_states_in_run(report).items()
             if state.startswith("FIXED")]
 
 
@@ -108,7 +127,8 @@ def entry_states(known: list[KnownFailure], reports: list[tuple[Path, dict[str, 
             continue
         when, path, report, counts = latest[k.id]
         label = report.get("fingerprint", {}).get("device_label", "?")
-        states.append(EntryState(k.id, "FIXED" if entry_state(counts).startswith("FIXED") else "active",
+        fixed = "FIXED here (case pattern: confirm on a full run)" if names_cases_by_pattern(k) else "FIXED"
+        states.append(EntryState(k.id, fixed if entry_state(counts).startswith("FIXED") else "active",
                                  when.isoformat(timespec="seconds"),
                                  f"{label} ({path})", counts["matched"], counts["known"]))
     return states
