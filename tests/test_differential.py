@@ -10,7 +10,7 @@ import torch
 
 from harness.core.case import Case
 from harness.core.differential import (DiffRules, Point, absorb, family_label, group_sum, load_rules, loglog_slope,
-                                       pair_differences, trend_verdicts)
+                                       pair_differences, pair_verdicts, trend_verdicts)
 from harness.core.known import parse_entry
 from harness.core.references import references
 from harness.core.results import Status
@@ -74,7 +74,28 @@ def test_group_sum_follows_repeat_interleave_and_pair_difference_is_in_floor_uni
     native = {"out": truth["out"].bfloat16(), "dk": truth["dk"].bfloat16()}
     expanded = {"out": truth["out"].bfloat16(), "dk": per_head.bfloat16()}
     d = pair_differences(case, native, expanded, truth)
-    assert d["out"] == 0.0 and 0.5 < d["dk"] < 3.0
+    assert d["out"].difference == 0.0 and 0.5 < d["dk"].difference < 3.0
+    assert 0.99 < d["out"].native_error < 1.01 and 0.99 < d["dk"].native_error < 1.01  # one rounding of the truth
+
+
+def test_pair_rule_fails_a_native_loss_but_not_two_correct_roundings_apart():
+    """GPU decode: flash/cuDNN native GQA and expanded K/V take different kernels; both sit at the oracle's
+    rounding and differ by ~1.5 floor units. A loss of native GQA's own still fails."""
+    case = BASE.replace(q_heads=4, kv_heads=2, dtype="bf16")
+    gen = torch.Generator().manual_seed(0)
+    truth = {"out": torch.randn(1, 4, 64, 16, dtype=torch.float64, generator=gen)}
+    ulp = lambda t: torch.finfo(torch.bfloat16).eps * t.abs()
+    jitter = lambda: truth["out"] + 0.5 * ulp(truth["out"]) * torch.randn(truth["out"].shape, generator=gen,
+                                                                           dtype=torch.float64)
+    two_correct = pair_differences(case, {"out": jitter().bfloat16()}, {"out": jitter().bfloat16()}, truth)
+    pair = two_correct["out"]
+    assert pair.difference > 1.0 and pair.native_excess < 1.0, pair
+    [verdict] = pair_verdicts(case, "k", "expanded-kv-k", two_correct, {"out": 1.0})
+    assert verdict.status is Status.PASS and "two correct roundings apart" in verdict.reason
+    lossy = truth["out"] + 3 * ulp(truth["out"]) * torch.randn(truth["out"].shape, generator=gen, dtype=torch.float64)
+    native_loss = pair_differences(case, {"out": lossy.bfloat16()}, {"out": truth["out"].bfloat16()}, truth)
+    [verdict] = pair_verdicts(case, "k", "expanded-kv-k", native_loss, {"out": 1.0})
+    assert verdict.status is Status.FAIL and verdict.evidence["native_excess_floor_units"] > 1.0, verdict.reason
 
 
 def test_known_entry_absorbs_a_differential_fail_under_its_ceiling_only():
