@@ -105,6 +105,9 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
         write_repro(case, builtin_implementations()["sdpa-math"], session(), tmp_path)
     with pytest.raises(ReproError, match="not 'flex"):
         render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")
+    long = parse_case_spec("b=1,hq=32,hkv=8,lq=69632,d=128,mask=sliding-window,long=True")
+    with pytest.raises(ReproError, match=r"dense fp64 reference would need ~4,624 GiB.*--shrink"):
+        write_repro(long, builtin_implementations()["expanded-kv-efficient"], session(), tmp_path)  # before any kernel
 
 
 def test_plots_are_optional_and_drawn_when_matplotlib_is_there(tmp_path, monkeypatch):

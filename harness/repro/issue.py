@@ -23,7 +23,7 @@ from ..implementations import Implementation, builtin_implementations
 from ..run.session import CaseRunner, Session
 from .body import TENSOR_LABEL, Evidence, failing_level, issue_body, ratio_at, title as default_title
 from .plots import available, draw_failure
-from .script import ReproError, backend_of, inline_inputs, render_script
+from .script import ReproError, backend_of, check_scriptable, inline_inputs, render_script
 from .shrink import ShrinkResult, Signature, signature_of
 
 SCRIPT_TIMEOUT_S = 900
@@ -117,6 +117,7 @@ def write_repro(case: Case, impl: Implementation, session: Session, out_dir: Pat
     result); they are replayed in the same worker process before judging, and in the script before the
     call. `compare`: another device's report, for the triage table. Every kernel call runs in a worker
     process, as `run` makes it: a crashing kernel is an ERROR here too, not the end of `repro`."""
+    check_scriptable(case)
     session = session.without_known()  # a KNOWN finding is reproduced as the failure it is
     with CaseRunner(session, isolate=isolate) as runner:
         return _write(case, impl, runner, out_dir, tensor=tensor, title=title, note=note, shrunk=shrunk,

@@ -25,6 +25,24 @@ class ReproError(ValueError):
     """This (case, implementation) cannot be written as a standalone script; one line why."""
 
 
+DENSE_REFERENCE_LIMIT_GIB = 32.0  # what a repro script's dense fp64 reference may ask of a reporter's host
+
+
+def dense_reference_gib(case: Case) -> float:
+    """Host memory the script's dense fp64 reference takes: about four B x Hq x Lq x Lk fp64 tensors
+    (logits, probabilities, dP, dS) alive at once."""
+    return 4 * 8 * case.batch * case.q_heads * case.q_len * case.kv_len / 2**30
+
+
+def check_scriptable(case: Case) -> None:
+    """Refuse, before any kernel runs, a case whose standalone script could not run anywhere."""
+    need = dense_reference_gib(case)
+    if need > DENSE_REFERENCE_LIMIT_GIB:
+        raise ReproError(f"{case.id}: the standalone script's dense fp64 reference would need ~{need:,.0f} GiB "
+                         f"(limit {DENSE_REFERENCE_LIMIT_GIB:g}); shrink the case (--shrink), or check a few rows by "
+                         "hand as reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does")
+
+
 def inline_inputs(case: Case) -> bool:
     """Inputs rebuilt from the seed in the script (else loaded from inputs.pt)."""
     return not case.has_mask and case.values in ("normal", "uniform")
