@@ -105,9 +105,35 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
         write_repro(case, builtin_implementations()["sdpa-math"], session(), tmp_path)
     with pytest.raises(ReproError, match="not 'flex"):
         render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")
-    long = parse_case_spec("b=1,hq=32,hkv=8,lq=69632,d=128,mask=sliding-window,long=True")
-    with pytest.raises(ReproError, match=r"dense fp64 reference would need ~4,624 GiB.*--shrink"):
-        write_repro(long, builtin_implementations()["expanded-kv-efficient"], session(), tmp_path)  # before any kernel
+    dense = parse_case_spec("b=8,hq=64,hkv=8,lq=16384,d=128")  # refused before any kernel runs
+    with pytest.raises(ReproError, match=r"fp64 reference would need ~4,096 GiB.*--shrink"):
+        write_repro(dense, builtin_implementations()["expanded-kv-efficient"], session(), tmp_path)
+    masked_long = parse_case_spec("b=1,hq=32,hkv=8,lq=69632,d=128,mask=sliding-window,long=True")
+    with pytest.raises(ReproError, match=r"its mask alone would make inputs.pt ~4.5 GiB"):
+        write_repro(masked_long, builtin_implementations()["expanded-kv-efficient"], session(), tmp_path)
+
+
+LONG = "b=1,hq=4,hkv=2,lq=1536,d=64,causal=top-left,long=True"
+
+
+@pytest.mark.parametrize("tensor", ["out", "dq", "dk"])
+def test_a_long_case_script_computes_only_its_sampled_rows_and_a_correct_kernel_exits_0(tmp_path, tensor):
+    inputs = make_inputs(parse_case_spec(LONG))
+    text = render_script(inputs, "sdpa-math", tensor, load_tolerances(), "test", "cpu")
+    assert "GRAD_ROWS = [0, 1," in text and "q[:, :, ROWS]" in text
+    (tmp_path / "repro.py").write_text(text)
+    proc = run_fresh(tmp_path / "repro.py")
+    assert proc.returncode == 0 and "differ from the harness run" not in proc.stdout, proc.stdout + proc.stderr
+    rows = 1536 if tensor == "dk" else len(inputs.sample.checked)  # dK: every key, from the sampled rows only
+    assert f"{tensor} of (1, {2 if tensor == 'dk' else 4}, {rows}, 64)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("kernel", ["tiled_kv_heads", "dq_written_where_grad_out_is_zero"])
+def test_a_long_case_script_fails_a_wrong_kernel(tmp_path, kernel):
+    repro = write_repro(parse_case_spec(LONG), load_user_implementation(f"tests.wrong_kernels:{kernel}"), session(),
+                        tmp_path)
+    proc = run_fresh(repro.script)
+    assert proc.returncode == 1 and "BUG" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_plots_are_optional_and_drawn_when_matplotlib_is_there(tmp_path, monkeypatch):

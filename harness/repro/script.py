@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..core.case import Case
 from ..core.inputs import Inputs
 from ..core.oracle import softmax_scale
+from ..core.sampling import sample_rows
 from ..core.verdict import Tolerances
 
 BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
@@ -25,22 +26,38 @@ class ReproError(ValueError):
     """This (case, implementation) cannot be written as a standalone script; one line why."""
 
 
-DENSE_REFERENCE_LIMIT_GIB = 32.0  # what a repro script's dense fp64 reference may ask of a reporter's host
+DENSE_REFERENCE_LIMIT_GIB = 64.0  # what a repro script's fp64 reference may ask of a GPU host (the 128k long cases: ~36)
+SAVED_MASK_LIMIT_GIB = 2.0  # what inputs.pt may weigh to be attached to an issue
+
+
+def reference_rows(case: Case) -> int:
+    """Query rows the script's fp64 reference computes: all of them, or a long case's row sample."""
+    return len(sample_rows(case).checked) if case.long else case.q_len
 
 
 def dense_reference_gib(case: Case) -> float:
-    """Host memory the script's dense fp64 reference takes: about four B x Hq x Lq x Lk fp64 tensors
-    (logits, probabilities, dP, dS) alive at once."""
-    return 4 * 8 * case.batch * case.q_heads * case.q_len * case.kv_len / 2**30
+    """Host memory the script's fp64 reference takes: about four B x Hq x rows x Lk fp64 tensors
+    (logits, probabilities, dP, dS) alive at once; a long case computes only its sampled rows."""
+    return 4 * 8 * case.batch * case.q_heads * reference_rows(case) * case.kv_len / 2**30
+
+
+def saved_mask_gib(case: Case) -> float:
+    """inputs.pt's mask: one byte per (query, key) for every head it differs over (a bool or bf16 mask
+    can be larger; this is the floor)."""
+    return case.batch * case.q_len * case.kv_len / 2**30 if case.has_mask else 0.0
 
 
 def check_scriptable(case: Case) -> None:
     """Refuse, before any kernel runs, a case whose standalone script could not run anywhere."""
     need = dense_reference_gib(case)
     if need > DENSE_REFERENCE_LIMIT_GIB:
-        raise ReproError(f"{case.id}: the standalone script's dense fp64 reference would need ~{need:,.0f} GiB "
+        raise ReproError(f"{case.id}: the standalone script's fp64 reference would need ~{need:,.0f} GiB "
                          f"(limit {DENSE_REFERENCE_LIMIT_GIB:g}); shrink the case (--shrink), or check a few rows by "
                          "hand as reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does")
+    if saved_mask_gib(case) > SAVED_MASK_LIMIT_GIB:
+        raise ReproError(f"{case.id}: its mask alone would make inputs.pt ~{saved_mask_gib(case):,.1f} GiB (limit "
+                         f"{SAVED_MASK_LIMIT_GIB:g}); check a few rows by hand as "
+                         "reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does")
 
 
 def inline_inputs(case: Case) -> bool:
@@ -146,6 +163,18 @@ def _replay(after: list[tuple[Case, str]], user: str | None) -> tuple[list[str],
     return imports, lines
 
 
+def _row_sample(case: Case) -> list[str]:
+    """ROWS: the query rows the reference computes (all, or a long case's sample); GRAD_ROWS: those whose
+    grad_out is kept (the rest of ROWS is checked on the output only)."""
+    if not case.long:
+        return ["ROWS = slice(None)  # every query row"]
+    sample = sample_rows(case)
+    return [f"GRAD_ROWS = {sample.rows.tolist()!r}  # the harness's row sample: grad_out is zero elsewhere",
+            f"ROWS = {sample.checked.tolist()!r}  # ... and the rows whose output is checked too",
+            "# a long case: the fp64 reference computes these rows only (their dK/dV share is exact: every other",
+            "# row's grad_out is zero, so its dS is zero)"]
+
+
 def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
                   user: str | None = None, after: list[tuple[Case, str]] | None = None) -> str:
     """`after`: (case, implementation) calls to replay first, for an order-dependent failure."""
@@ -161,6 +190,8 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
             f"g = torch.Generator().manual_seed({case.seed})  # the harness's draws, in its order, then quantized",
             f"q, k, v = ({draw}(B, h, n, d, generator=g) for h, n, d in ((HQ, LQ, D), (HKV, LK, D), (HKV, LK, DV)))",
             "do = torch.randn(B, HQ, LQ, DV, generator=g)",
+            *(["do[:, :, ~torch.isin(torch.arange(LQ), torch.tensor(GRAD_ROWS))] = 0.0  # long case: grad_out only on "
+               "the sampled rows"] if case.long else []),
             "q, k, v, do = (t.to(DTYPE) for t in (q, k, v, do))",
             "MASK = None",
         ]
@@ -189,9 +220,14 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         f"SCALE = {softmax_scale(case)!r}",
         f"FACTORS = {rules!r}  # level: (factor, min elements per unit), from harness/tolerances.toml",
         f"HASHES = {hashes!r}",
+        *_row_sample(case),
         *make,
         f"KEEP = {keep}",
-        "sha = lambda t: hashlib.sha256(f'{tuple(t.shape)}|{t.dtype}|'.encode() + bytes((t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous().view(torch.uint8)).flatten().tolist())).hexdigest()",
+        "def sha(t):  # as the harness hashes its inputs (through numpy where there is one: GiB-sized inputs)",
+        "    raw, h = (t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous().view(torch.uint8)).flatten(), hashlib.sha256(f'{tuple(t.shape)}|{t.dtype}|'.encode())",
+        "    try: h.update(memoryview(raw.numpy()))",
+        "    except (ImportError, RuntimeError): h.update(bytes(raw.tolist()))",
+        "    return h.hexdigest()",
         "named = {'q': q, 'k': k, 'v': v, 'grad_out': do, **({'mask': MASK} if MASK is not None else {})}",
         "if any(sha(x) != HASHES[n] for n, x in named.items()):",
         "    print('note: these inputs differ from the harness run (torch RNG stream changed?)')",
@@ -208,18 +244,22 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         (f"grads = torch.autograd.grad(out, leaves, {_layout(case, 'do', 'do.to(DEVICE)')})"
          if case.grads else "grads = (None, None, None)  # forward-only case"),
         "got = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))[T].detach().cpu().double()",
+        *(["off_sample = got[:, :, ~torch.isin(torch.arange(LQ), torch.tensor(GRAD_ROWS))] if T == 'dq' else None",
+           "got = got[:, :, ROWS] if T in ('out', 'dq') else got  # the rows the reference computes"] if case.long else []),
         "",
         "def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False):",
         "    \"\"\"fp64 and no rounding: the truth. fp32 with roundings: a correct bf16/fp16 kernel (rp: P before",
         "    P·V and P^T·dO; rds: dS before its GEMMs; ro: O as stored in D = rowsum(dO*O); rh: per-head dK/dV).\"\"\"",
         "    r = lambda t, on=True: t.to(DTYPE).to(compute) if lowp and on else t",
         "    G = HQ // HKV",
-        "    q_, k_, v_, do_ = (t.to(compute) for t in (q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), do))",
+        "    q_, k_, v_, do_ = (t.to(compute) for t in (q[:, :, ROWS], k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),",
+        "                                              do[:, :, ROWS]))",
         "    s = q_ @ k_.transpose(-1, -2) * SCALE",
         "    if MASK is not None:",
-        "        s = s.masked_fill(~MASK, float('-inf')) if MASK.dtype == torch.bool else s + MASK.to(compute)",
+        "        m_ = MASK[..., ROWS, :]",
+        "        s = s.masked_fill(~m_, float('-inf')) if m_.dtype == torch.bool else s + m_.to(compute)",
         "    if KEEP is not None:",
-        "        s = s.masked_fill(~KEEP, float('-inf'))",
+        "        s = s.masked_fill(~KEEP[ROWS], float('-inf'))",
         "    m = s.amax(-1, keepdim=True)",
         "    p = (s - m.masked_fill(m == float('-inf'), 0)).exp()",
         "    l = p.sum(-1, keepdim=True).clamp_min(1)  # l >= 1 on live rows; rows with no visible key are 0",
@@ -239,6 +279,10 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "sq = lambda t: t.pow(2).sum(-1)  # per row",
         "norms = {'tensor': lambda t: sq(t).sum().sqrt(), 'slice': lambda t: sq(t).sum(-1).sqrt(), 'row': lambda t: sq(t).sqrt()}",
         "bad = not bool(torch.isfinite(got).all())",
+        *(["if off_sample is not None and bool((off_sample != 0).any()):  # grad_out is zero there: dQ must be too",
+           "    print(f'dq is nonzero on {int((off_sample != 0).any(-1).sum())} (batch, head, row) rows whose grad_out is "
+           "zero (max |dq| {off_sample.abs().max():.3g})')",
+           "    bad = True"] if case.long else []),
         "print(f'{T} of {tuple(truth.shape)} on {DEVICE}, torch {torch.__version__}; non-finite: {(~torch.isfinite(got)).sum().item()}')",
         "print('level   error/scale  factor   rel-L2     floor      low-prec   (worst unit)')",
         "for level, norm in norms.items():",
