@@ -80,7 +80,9 @@ def test_varlen_is_unsupported_with_torchs_reason_where_absent_and_off_the_cpu(m
 @pytest.mark.parametrize("spec, why", [("b=2,hq=4,hkv=2,lq=8,lk=8,d=64,dtype=fp32", "fp16 and bf16"),
                                         ("b=2,hq=4,hkv=2,lq=8,lk=8,d=64,mask=bool", "not a per-sequence key length"),
                                         ("b=2,hq=4,hkv=2,lq=4,lk=8,d=64,causal=bottom-right", "causal"),
-                                        ("b=1,hq=4,hkv=4,lq=8,lk=8,d=192,dv=128", "value head dim 128")])
+                                        ("b=1,hq=4,hkv=4,lq=8,lk=8,d=192,dv=128", "value head dim 128"),
+                                        ("b=1,hq=4,hkv=4,lq=8,lk=8,d=203", "head dim 203"),
+                                        ("b=1,hq=4,hkv=4,lq=8,lk=8,d=512", "head dim 512")])
 def test_what_varlen_cannot_express_is_unsupported_with_the_reason(spec, why, monkeypatch):
     monkeypatch.setattr(varlen, "ABSENT", None)
     assert why in builtin_implementations()["varlen-attn"].supports(parse_case_spec(spec), CUDA)

@@ -64,6 +64,10 @@ def _supports(case: Case, facts: DeviceFacts) -> str | None:
     if case.value_dim != case.head_dim:
         # torch 2.11 on an H100 raised "v must have shape (total_k, num_heads_k, head_size_og)" for d192/dv128
         return f"value head dim {case.value_dim} != query/key head dim {case.head_dim}: varlen_attn takes one head size"
+    if case.head_dim % 8 or case.head_dim > 256:
+        # torch 2.11 on an H100: "head_size must be a multiple of 8, this is ensured by padding!" (d203) and
+        # "FlashAttention forward only supports head dimension at most 256" (d512); varlen_attn does not pad
+        return f"head dim {case.head_dim}: varlen_attn's flash kernel takes multiples of 8 up to 256, unpadded"
     return None
 
 
