@@ -83,3 +83,20 @@ def test_the_cli_keeps_freed_blocks_through_mallopt_and_skips_where_the_c_librar
     assert keep_freed_blocks(Glibc()) is True
     assert calls == [(M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)]
     assert keep_freed_blocks(object()) is False  # musl, macOS: no mallopt
+
+
+def test_default_dispatch_note_names_the_choice_and_leaves_causal_bias_to_itself():
+    """CausalBias is a Tensor subclass: handed to the private choice it read as a dense mask (MATH on the CPU,
+    RuntimeError on CUDA, where the H100 models report said 'unknown' for every bottom-right case)."""
+    import torch
+    from torch.nn.attention.bias import causal_lower_right
+
+    from harness.core.case import parse_case_spec
+    from harness.implementations.base import SdpaCall
+    from harness.implementations.sdpa import dispatch_choice
+
+    case = parse_case_spec("b=1,hq=4,hkv=2,lq=1,lk=16,d=64,causal=bottom-right")
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 16, 64)
+    assert dispatch_choice(SdpaCall(case, q, k, k, causal_lower_right(1, 16), False, None, True)) == \
+        "n/a (CausalBias dispatches itself)"
+    assert dispatch_choice(SdpaCall(case, q, k, k, None, True, None, True)) == "FLASH_ATTENTION"  # the CPU's choice

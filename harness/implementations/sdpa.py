@@ -34,8 +34,8 @@ def expand_kv(call: SdpaCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dispatch_choice(call: SdpaCall) -> str:
     """The backend unpinned dispatch picks; private API, so guarded."""
-    mask = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) or call.attn_mask is None else None
-    if mask is None and call.attn_mask is not None:
+    mask = call.attn_mask
+    if mask is not None and type(mask) is not torch.Tensor:  # CausalBias is a Tensor subclass the choice refuses
         return "n/a (CausalBias dispatches itself)"
     try:
         index = torch._fused_sdp_choice(call.query, call.key, call.value, mask, 0.0, call.is_causal,
