@@ -106,7 +106,7 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
     with pytest.raises(ReproError, match="not 'flex"):
         render_script(make_inputs(case), "flex-attention", "out", load_tolerances(), "t")
     dense = parse_case_spec("b=8,hq=64,hkv=8,lq=16384,d=128")  # refused before any kernel runs
-    with pytest.raises(ReproError, match=r"fp64 reference would need ~4,096 GiB.*--shrink"):
+    with pytest.raises(ReproError, match=r"fp64 reference would need ~4,128 GiB.*--shrink"):
         write_repro(dense, builtin_implementations()["expanded-kv-efficient"], session(), tmp_path)
     masked_long = parse_case_spec("b=1,hq=32,hkv=8,lq=69632,d=128,mask=sliding-window,long=True")
     with pytest.raises(ReproError, match=r"its mask alone would make inputs.pt ~4.5 GiB"):

@@ -12,10 +12,11 @@ smaller than ~2x the best correct design. Pure: they take ratios and tensors, ne
                    accumulation over key blocks grows with Lk).
   * gqa-vs-expanded — one backend on native GQA and on hand-expanded K/V, same inputs: out and dQ
                    must agree, and the expanded dK/dV summed over each group in fp64 must agree with the
-                   native dK/dV, within the backend's noise, in units of the dtype floor; a pair
-                   further apart FAILs only if native GQA is also that much further from the fp64
-                   oracle than the expanded run (different kernels round differently; a loss in the
-                   native path shows as native error of its own).
+                   native dK/dV, within the backend's noise, in units of the dtype floor; for `out`,
+                   where the expanded run is itself off the oracle's rounding, a pair further apart
+                   FAILs only if native GQA is also that much further from the fp64 oracle than the
+                   expanded run (different kernels round differently; a native loss shows as error
+                   of its own).
 Allowed slopes and the pair factor live in tolerances.toml [differential] with their provenance.
 A differential FAIL carries its rule, evidence and a command reproducing the whole family;
 a known-failure entry with a ceiling for the rule (`differential = {group-trend = 0.6}`) absorbs it.
@@ -40,6 +41,7 @@ from .sampling import sample_rows
 
 TREND_AXES = {"group-trend": "group_size", "length-trend": "kv_len"}
 PAIR_RULE = "gqa-vs-expanded"
+EXPANDED_OFF_ROUNDING = 1.05  # floor units: an expanded `out` further than this from the oracle is not its rounding
 EXPANDED_PREFIX = "expanded-kv-"
 
 
@@ -234,21 +236,25 @@ def pair_differences(case: Case, native: dict[str, torch.Tensor | None], expande
 
 def pair_verdicts(case: Case, impl: str, partner: str, differences: dict[str, PairDifference],
                   factors: dict[str, float]) -> list[DiffVerdict]:
-    """FAIL when the two runs differ by more than the factor and native GQA carries that much error of its
-    own beyond the expanded run's: where the expanded run is as far from the oracle as native GQA, their
-    difference is two correct roundings (GPU decode, docs/benchmarks-calibration.md), not a native loss."""
+    """FAIL when the two runs differ by more than the factor. One exception, measured on GPU decode
+    (tolerances.toml): for `out`, when the expanded run is itself off the oracle's rounding (another kernel,
+    rounding its own way), the pair fails only if native GQA carries error of its own beyond the expanded
+    run's by more than the factor. Where the expanded run is the oracle's rounding, the plain rule keeps its
+    full sensitivity."""
     out = []
     for name, pair in differences.items():
         factor, d = factors[name], pair.difference
         excess = pair.native_excess
-        failing = not (d <= factor or excess <= factor)
+        escape = name == "out" and pair.expanded_error > EXPANDED_OFF_ROUNDING and excess <= factor
+        failing = not d <= factor and not escape
         how = "group-summed in fp64 " if name in ("dk", "dv") else ""
         reason = (f"{name}: native GQA vs {partner} ({how}on the same inputs) differ by {d:.3g}x the {case.dtype} floor "
                   f"(allowed {factor:g})")
         if d > factor:
             reason += (f"; from the fp64 oracle native is {pair.native_error:.3g}, {partner} {pair.expanded_error:.3g} "
                        f"floor units: native's own excess {excess:.3g}" +
-                       (" (two correct roundings apart, not a native-GQA loss)" if not failing else ""))
+                       (" (native GQA no further from the oracle than the expanded run: their kernels round "
+                        "differently)" if escape else ""))
         out.append(DiffVerdict(PAIR_RULE, case.id, impl, name, Status.FAIL if failing else Status.PASS, d, factor,
                                {"difference_floor_units": _finite(d), "native_error_floor_units": _finite(pair.native_error),
                                 "expanded_error_floor_units": _finite(pair.expanded_error),

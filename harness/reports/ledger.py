@@ -20,7 +20,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ..core.known import KnownFailure, load_known, names_cases_by_pattern
+from ..core.known import KnownFailure, KnownFailuresError, load_known, names_cases_by_pattern
 from .store import find_reports
 
 
@@ -50,8 +50,8 @@ def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 FIXED = "FIXED: every matching tensor passed, the entry can go"
-FIXED_HERE = ("FIXED here: every matching tensor passed, but its case pattern reaches cases this run did not "
-              "select: confirm on a full run of the suites it came from before removing it")
+FIXED_HERE = ("FIXED here: every matching tensor passed; its case is a pattern: check that this run covered "
+              "the suites it came from before removing it")
 
 
 def entry_state(counts: dict[str, int], by_pattern: bool = False) -> str:
@@ -73,19 +73,27 @@ def entry_states_in_run(report: dict[str, Any]) -> dict[str, tuple[dict[str, int
     summary = known_entry_summary(report)
     settings = report.get("settings") or {}
     loaded = settings.get("known_entries") or []
-    by_pattern = set(settings.get("known_by_pattern") or [])
+    by_pattern = set(settings["known_by_pattern"] if "known_by_pattern" in settings else _pattern_ids())
     zero = {"matched": 0, "known": 0, "beyond": 0, "passed": 0}
     states = {e: (summary.get(e, zero), entry_state(summary[e], e in by_pattern) if e in summary else "not exercised")
               for e in [*loaded, *summary]}
     return dict(sorted(states.items()))
 
 
+def _pattern_ids() -> list[str]:
+    """For a report saved before runs recorded known_by_pattern: today's known-failures file decides."""
+    try:
+        return [k.id for k in load_known() if names_cases_by_pattern(k)]
+    except (KnownFailuresError, OSError):
+        return []
+
+
 def fixed_advice(entry: str, matched: int, state: str, where: str = "") -> str:
     """The one line a run prints (and CI annotates) for an entry it found FIXED."""
     head = f"known-failure entry {entry} matched {matched} result tensors{where} and every one passed"
     if state == FIXED_HERE:
-        return head + ("; its case pattern reaches cases this run did not select: confirm on a full run of the "
-                       "suites it came from, then remove it from cases/known-failures.toml")
+        return head + ("; its case is a pattern: check that this run covered the suites it came from, then remove "
+                       "it from cases/known-failures.toml")
     return head + ": FIXED, remove it from cases/known-failures.toml"
 
 
@@ -127,7 +135,7 @@ def entry_states(known: list[KnownFailure], reports: list[tuple[Path, dict[str, 
             continue
         when, path, report, counts = latest[k.id]
         label = report.get("fingerprint", {}).get("device_label", "?")
-        fixed = "FIXED here (case pattern: confirm on a full run)" if names_cases_by_pattern(k) else "FIXED"
+        fixed = "FIXED here (a pattern entry: check the run covered its suites)" if names_cases_by_pattern(k) else "FIXED"
         states.append(EntryState(k.id, fixed if entry_state(counts).startswith("FIXED") else "active",
                                  when.isoformat(timespec="seconds"),
                                  f"{label} ({path})", counts["matched"], counts["known"]))

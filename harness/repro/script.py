@@ -26,7 +26,7 @@ class ReproError(ValueError):
     """This (case, implementation) cannot be written as a standalone script; one line why."""
 
 
-DENSE_REFERENCE_LIMIT_GIB = 64.0  # what a repro script's fp64 reference may ask of a GPU host (the 128k long cases: ~36)
+DENSE_REFERENCE_LIMIT_GIB = 96.0  # what a repro script's fp64 reference may ask of a GPU host (the 128k long cases: ~68)
 SAVED_MASK_LIMIT_GIB = 2.0  # what inputs.pt may weigh to be attached to an issue
 
 
@@ -36,15 +36,22 @@ def reference_rows(case: Case) -> int:
 
 
 def dense_reference_gib(case: Case) -> float:
-    """Host memory the script's fp64 reference takes: about four B x Hq x rows x Lk fp64 tensors
-    (logits, probabilities, dP, dS) alive at once; a long case computes only its sampled rows."""
-    return 4 * 8 * case.batch * case.q_heads * reference_rows(case) * case.kv_len / 2**30
+    """Host memory the script's fp64 reference takes: about four B x Hq x rows x Lk fp64 tensors (logits,
+    probabilities, dP, dS) alive at once, K/V repeated to Hq heads, and the per-head dK/dV before their
+    group sum; a long case computes only its sampled rows."""
+    logits = 4 * case.batch * case.q_heads * reference_rows(case) * case.kv_len
+    per_key = case.batch * case.q_heads * case.kv_len * (case.head_dim + case.value_dim) * 2
+    return 8 * (logits + per_key) / 2**30
 
 
 def saved_mask_gib(case: Case) -> float:
-    """inputs.pt's mask: one byte per (query, key) for every head it differs over (a bool or bf16 mask
-    can be larger; this is the floor)."""
-    return case.batch * case.q_len * case.kv_len / 2**30 if case.has_mask else 0.0
+    """inputs.pt's mask: bool, or additive in the case dtype, per query head when the case says so."""
+    if not case.has_mask:
+        return 0.0
+    additive = case.mask == "additive" or case.mask_fill != "-inf"
+    itemsize = {"fp32": 4}.get(case.dtype, 2) if additive else 1
+    heads = case.q_heads if case.mask_per_head else 1
+    return case.batch * heads * case.q_len * case.kv_len * itemsize / 2**30
 
 
 def check_scriptable(case: Case) -> None:
@@ -199,9 +206,11 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         make = ["t = torch.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'inputs.pt'))  # saved beside",
                 "q, k, v, do, MASK = t['q'], t['k'], t['v'], t['grad_out'], t.get('mask')"]
     keep = "None"
+    rows_keep = case.long and "KEEP" not in call  # the kernel call needs no dense KEEP: the reference's rows will do
     if case.causal != "none":
         offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
-        keep = f"torch.arange(LK)[None, :] <= torch.arange(LQ)[:, None] + {offset}  # causal ({case.causal})"
+        rows = "torch.tensor(ROWS)" if rows_keep else "torch.arange(LQ)"  # a long case: its sampled rows only
+        keep = f"torch.arange(LK)[None, :] <= {rows}[:, None] + {offset}  # causal ({case.causal})"
     hashes = inputs.hashes()
     lines = [
         "#!/usr/bin/env python3",
@@ -259,7 +268,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "        m_ = MASK[..., ROWS, :]",
         "        s = s.masked_fill(~m_, float('-inf')) if m_.dtype == torch.bool else s + m_.to(compute)",
         "    if KEEP is not None:",
-        "        s = s.masked_fill(~KEEP[ROWS], float('-inf'))",
+        f"        s = s.masked_fill(~{'KEEP' if rows_keep else 'KEEP[ROWS]'}, float('-inf'))",
         "    m = s.amax(-1, keepdim=True)",
         "    p = (s - m.masked_fill(m == float('-inf'), 0)).exp()",
         "    l = p.sum(-1, keepdim=True).clamp_min(1)  # l >= 1 on live rows; rows with no visible key are 0",
