@@ -192,7 +192,7 @@ def merge_parts(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Pa
     fp = heads[0]["fingerprint"]
     settings = {**settings, "implementations": heads[0]["implementations"], "unavailable": heads[0]["unavailable"],
                 "tolerances": heads[0]["tolerances"], "known_entries": heads[0]["known_entries"],
-                "known_by_pattern": heads[0].get("known_by_pattern", []),
+                "known_by_pattern": heads[0]["known_by_pattern"],
                 "pytest_workers": {h["worker"]: {"pinned": h["pinned"], "device": h["fingerprint"].get("device"),
                                                  "device_name": h["fingerprint"].get("device_name")} for h in heads},
                 "shard": heads[0].get("shard")}

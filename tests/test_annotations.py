@@ -121,7 +121,7 @@ def test_summary_keeps_github_s_limit_of_ten_and_warns_at_a_fixed_known_failure_
     line = KNOWN_FILE.read_text().splitlines().index("[[known]]") + 1
     assert warning.startswith(f"::warning file=cases/known-failures.toml,line={line},title=FIXED known failure "
                               "cpu-flash-gqa-dkdv-group-sum::")
-    assert "its case is a pattern: check that this run covered the suites it came from" in warning  # case = "*"
+    assert "its case is a pattern: check that the run covered the suites it came from" in warning  # case = "*"
     assert main(["summary", str(out), "--annotations", "0"]) == 0
     assert "::" not in capsys.readouterr().out
 

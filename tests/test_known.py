@@ -155,7 +155,7 @@ def test_fixed_and_stale_entries_are_listed(tmp_path):
     (tmp_path / "r" / "b.json").write_text(json.dumps(recent))
     (tmp_path / "r" / "not-a-report.json").write_text("[1, 2]")
     states = {s.id: s.state for s in entry_states(known, load_reports([tmp_path / "r"]), now, days=30)}
-    assert states == {"bf16-group-sum": "FIXED here (a pattern entry: check the run covered its suites)", "gone": "stale",
+    assert states == {"bf16-group-sum": "FIXED here", "gone": "stale",
                       "old": "stale"}
     assert fixed_in_run(recent) == [
         "known-failure entry bf16-group-sum matched 2 result tensors and every one passed: FIXED, remove it "
@@ -168,7 +168,7 @@ def test_a_pattern_entry_that_passed_is_fixed_only_here(tmp_path):
     report = _report({"bf16-group-sum": (2, 0)}, datetime.now(timezone.utc))
     report["settings"]["known_by_pattern"] = ["bf16-group-sum"]
     [line] = fixed_in_run(report)
-    assert "its case is a pattern: check that this run covered the suites it came from" in line
+    assert "its case is a pattern: check that the run covered the suites it came from" in line
     assert "FIXED, remove it" not in line
     exact = ENTRY.format(torch="*", ceiling=1.0).replace('case = "*"', 'case = ["b1-h8x2-q64-k64-d64-bf16-s0"]')
     known = load_known(_toml(tmp_path, ENTRY.format(torch="*", ceiling=1.0) + exact.replace("bf16-group-sum", "exact")))

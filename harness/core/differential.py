@@ -225,13 +225,20 @@ def pair_differences(case: Case, native: dict[str, torch.Tensor | None], expande
             continue
         a, t = a.double(), truth.to(a.device).double()
         floor = floor_norm(truth, case.dtype)
-        units = (lambda x: float(x.nan_to_num(0.0, posinf=0.0, neginf=0.0).norm()) / floor) if floor > 0 else \
-            (lambda x: 0.0 if bool((x.nan_to_num(0.0, posinf=0.0, neginf=0.0) == 0).all()) else math.inf)
         if t.shape != a.shape:  # no oracle to split the difference with: judged on the difference alone
-            out[name] = PairDifference(units(a - b), math.inf, 0.0)
+            out[name] = PairDifference(_floor_units(a - b, floor), math.inf, 0.0)
             continue
-        out[name] = PairDifference(units(a - b), units(a - t), units(b - t))
+        out[name] = PairDifference(_floor_units(a - b, floor), _floor_units(a - t, floor), _floor_units(b - t, floor))
     return out
+
+
+def _floor_units(delta: torch.Tensor, floor: float) -> float:
+    """||delta|| over the dtype floor (non-finite entries ignored, as the single-case rules count them);
+    with a zero floor, 0 when delta is, else inf."""
+    norm = float(delta.nan_to_num(0.0, posinf=0.0, neginf=0.0).norm())
+    if floor > 0:
+        return norm / floor
+    return 0.0 if norm == 0 else math.inf
 
 
 def pair_verdicts(case: Case, impl: str, partner: str, differences: dict[str, PairDifference],

@@ -50,8 +50,8 @@ def known_entry_summary(report: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 FIXED = "FIXED: every matching tensor passed, the entry can go"
-FIXED_HERE = ("FIXED here: every matching tensor passed; its case is a pattern: check that this run covered "
-              "the suites it came from before removing it")
+PATTERN_ADVICE = "its case is a pattern: check that the run covered the suites it came from before removing it"
+FIXED_HERE = f"FIXED here: every matching tensor passed; {PATTERN_ADVICE}"
 
 
 def entry_state(counts: dict[str, int], by_pattern: bool = False) -> str:
@@ -92,8 +92,7 @@ def fixed_advice(entry: str, matched: int, state: str, where: str = "") -> str:
     """The one line a run prints (and CI annotates) for an entry it found FIXED."""
     head = f"known-failure entry {entry} matched {matched} result tensors{where} and every one passed"
     if state == FIXED_HERE:
-        return head + ("; its case is a pattern: check that this run covered the suites it came from, then remove "
-                       "it from cases/known-failures.toml")
+        return f"{head}; {PATTERN_ADVICE} (cases/known-failures.toml)"
     return head + ": FIXED, remove it from cases/known-failures.toml"
 
 
@@ -135,8 +134,8 @@ def entry_states(known: list[KnownFailure], reports: list[tuple[Path, dict[str, 
             continue
         when, path, report, counts = latest[k.id]
         label = report.get("fingerprint", {}).get("device_label", "?")
-        fixed = "FIXED here (a pattern entry: check the run covered its suites)" if names_cases_by_pattern(k) else "FIXED"
-        states.append(EntryState(k.id, fixed if entry_state(counts).startswith("FIXED") else "active",
+        state = entry_state(counts, names_cases_by_pattern(k))
+        states.append(EntryState(k.id, state.split(":")[0] if state.startswith("FIXED") else "active",
                                  when.isoformat(timespec="seconds"),
                                  f"{label} ({path})", counts["matched"], counts["known"]))
     return states

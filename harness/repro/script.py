@@ -54,17 +54,18 @@ def saved_mask_gib(case: Case) -> float:
     return case.batch * heads * case.q_len * case.kv_len * itemsize / 2**30
 
 
+BY_HAND = "check a few rows by hand as reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does"
+
+
 def check_scriptable(case: Case) -> None:
     """Refuse, before any kernel runs, a case whose standalone script could not run anywhere."""
     need = dense_reference_gib(case)
     if need > DENSE_REFERENCE_LIMIT_GIB:
         raise ReproError(f"{case.id}: the standalone script's fp64 reference would need ~{need:,.0f} GiB "
-                         f"(limit {DENSE_REFERENCE_LIMIT_GIB:g}); shrink the case (--shrink), or check a few rows by "
-                         "hand as reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does")
+                         f"(limit {DENSE_REFERENCE_LIMIT_GIB:g}); shrink the case (--shrink), or {BY_HAND}")
     if saved_mask_gib(case) > SAVED_MASK_LIMIT_GIB:
-        raise ReproError(f"{case.id}: its mask alone would make inputs.pt ~{saved_mask_gib(case):,.1f} GiB (limit "
-                         f"{SAVED_MASK_LIMIT_GIB:g}); check a few rows by hand as "
-                         "reports/findings/h100-sm90/efficient-mask-rows-past-2e32-over-s/repro.py does")
+        raise ReproError(f"{case.id}: its mask alone would make inputs.pt ~{saved_mask_gib(case):,.1f} GiB "
+                         f"(limit {SAVED_MASK_LIMIT_GIB:g}); {BY_HAND}")
 
 
 def inline_inputs(case: Case) -> bool:
@@ -178,6 +179,7 @@ def _row_sample(case: Case) -> list[str]:
     sample = sample_rows(case)
     return [f"GRAD_ROWS = {sample.rows.tolist()!r}  # the harness's row sample: grad_out is zero elsewhere",
             f"ROWS = {sample.checked.tolist()!r}  # ... and the rows whose output is checked too",
+            "OFF_GRAD = ~torch.isin(torch.arange(LQ), torch.tensor(GRAD_ROWS))",
             "# a long case: the fp64 reference computes these rows only (their dK/dV share is exact: every other",
             "# row's grad_out is zero, so its dS is zero)"]
 
@@ -197,8 +199,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
             f"g = torch.Generator().manual_seed({case.seed})  # the harness's draws, in its order, then quantized",
             f"q, k, v = ({draw}(B, h, n, d, generator=g) for h, n, d in ((HQ, LQ, D), (HKV, LK, D), (HKV, LK, DV)))",
             "do = torch.randn(B, HQ, LQ, DV, generator=g)",
-            *(["do[:, :, ~torch.isin(torch.arange(LQ), torch.tensor(GRAD_ROWS))] = 0.0  # long case: grad_out only on "
-               "the sampled rows"] if case.long else []),
+            *(["do[:, :, OFF_GRAD] = 0.0  # long case: grad_out only on the sampled rows"] if case.long else []),
             "q, k, v, do = (t.to(DTYPE) for t in (q, k, v, do))",
             "MASK = None",
         ]
@@ -253,7 +254,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         (f"grads = torch.autograd.grad(out, leaves, {_layout(case, 'do', 'do.to(DEVICE)')})"
          if case.grads else "grads = (None, None, None)  # forward-only case"),
         "got = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))[T].detach().cpu().double()",
-        *(["off_sample = got[:, :, ~torch.isin(torch.arange(LQ), torch.tensor(GRAD_ROWS))] if T == 'dq' else None",
+        *(["off_sample = got[:, :, OFF_GRAD] if T == 'dq' else None",
            "got = got[:, :, ROWS] if T in ('out', 'dq') else got  # the rows the reference computes"] if case.long else []),
         "",
         "def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False):",
