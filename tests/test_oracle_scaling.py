@@ -13,7 +13,7 @@ from harness.core.inputs import make_inputs
 from harness.core.lowprec import designs
 from harness.core.oracle import attention, oracle, work_plan
 from harness.core.sampling import sample_rows
-from harness.core.workplan import PARTIAL_BYTES, TARGET_UNITS, Chunk, plan_work, simulate
+from harness.core.workplan import PARTIAL_BYTES, TARGET_UNITS, Chunk, lanes, plan_work, simulate
 from tests.helpers import judge
 from tests.test_oracle import autograd_reference, rel
 from tests.wrong_kernels import dq_written_where_grad_out_is_zero, math_sdpa
@@ -41,6 +41,34 @@ def test_oracle_bits_do_not_depend_on_the_thread_count(case, chunk, rows):
     for name in runs[0]:
         assert all(torch.equal(runs[0][name], r[name]) for r in runs[1:]), name
         assert torch.equal(lowprec[0][name], lowprec[1][name]), name
+
+
+def test_scripted_lanes_compile_on_this_torch_and_give_the_python_lanes_bits(monkeypatch):
+    """The fast path is TorchScript (blocks.py); where it cannot compile, the same functions run as
+    Python on a thread pool. Both must give one set of bits, on one thread and on several."""
+    import harness.core.oracle as oracle_module
+
+    assert oracle_module.scripted_run_lanes() is not None
+    case = Case(2, 8, 2, 150, 150, 32, causal="top-left", mask="additive")
+    inputs = make_inputs(case)
+    scripted = _with_threads(3, lambda: oracle(inputs, chunk=7).tensors())
+    design = designs(torch.float16)[0]
+    scripted_low = _with_threads(3, lambda: attention(inputs, torch.float32, design, 7).tensors())
+    monkeypatch.setattr(oracle_module, "scripted_run_lanes", lambda: None)
+    for n in (1, 3):
+        plain = _with_threads(n, lambda: oracle(inputs, chunk=7).tensors())
+        plain_low = _with_threads(n, lambda: attention(inputs, torch.float32, design, 7).tensors())
+        for name in scripted:
+            assert torch.equal(scripted[name], plain[name]), name
+            assert torch.equal(scripted_low[name], plain_low[name]), name
+
+
+def test_lanes_deal_every_unit_once_to_at_most_the_thread_count():
+    plan = work_plan(Case(1, 32, 8, 1024, 1024, 128, causal="top-left"))
+    for threads in (1, 5, 16, 1000):
+        dealt = lanes(plan, threads)
+        assert len(dealt) == min(threads, len(plan.units))
+        assert sorted(map(id, (u for lane in dealt for u in lane))) == sorted(map(id, plan.units))
 
 
 def test_the_work_plan_covers_every_chunk_of_every_head_block_once_and_bounds_partials():

@@ -19,6 +19,7 @@ and gradient 0. Rows filled with finite finfo.min / -65504 are ordinary rows.
 from __future__ import annotations
 
 import math
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ import torch
 
 from .case import Case
 from .inputs import Inputs
-from .workplan import Chunk, WorkPlan, plan_work
+from .blocks import run_lane, scripted_run_lanes
+from .workplan import Chunk, Unit, WorkPlan, lanes, plan_work
 
 BLOCK_BYTES = 2 * 2**20  # one logits block (kv group x rows x keys); a few live at once, in cache
 MIN_GROUP_ROWS = 64  # stacked query rows per GEMM, below which the GEMMs lose efficiency
@@ -127,20 +129,33 @@ def row_chunks(case: Case, positions: torch.Tensor, chunk: int) -> list[Chunk]:
     return out
 
 
-def _parallel(units: tuple, fn) -> None:
-    """Run fn over units on torch's thread count, each op single-threaded, with one thread too: a
-    GEMM's bits may depend on its own thread count, and an OpenMP fork/join per small op costs more
-    than it gains (far more on a shared, loaded machine)."""
+def _blocks_of(unit: Unit) -> list[int]:
+    """A unit as a lane's flat block list (blocks.FIELDS ints each): a stacked unit is one block per
+    chunk over all its batch elements, an unstacked one a block per batch element and chunk."""
+    spans = ([(unit.batch, unit.batch + unit.batches)] if unit.stacked
+             else [(bi, bi + 1) for bi in range(unit.batch, unit.batch + unit.batches)])
+    return [x for b0, b1 in spans for c in unit.chunks for x in (b0, b1, unit.h0, unit.h1, c.r0, c.r1, c.c0, c.c1, unit.part)]
+
+
+def _run_lanes(plan: WorkPlan, args: tuple) -> None:
+    """The plan's units in lanes on torch's thread count, every op single-threaded (with one thread too:
+    a GEMM's bits may depend on its own thread count, and an OpenMP fork/join per small op costs more
+    than it gains). Scripted lanes run on the inter-op pool without the GIL (blocks.py says why)."""
     previous = torch.get_num_threads()
-    workers = min(previous, len(units))
+    dealt = [[x for unit in lane for x in _blocks_of(unit)] for lane in lanes(plan, previous)]
+    script = scripted_run_lanes()
+    if script is not None and torch.get_num_interop_threads() < len(dealt) - 1:
+        with contextlib.suppress(RuntimeError):  # settable only before the pool first runs
+            torch.set_num_interop_threads(len(dealt) - 1)
     torch.set_num_threads(1)
     try:
-        if workers <= 1:
-            for unit in units:
-                fn(unit)
+        if script is not None:
+            script(dealt, *args)
+        elif len(dealt) == 1:
+            run_lane(dealt[0], *args)
         else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(fn, units))
+            with ThreadPoolExecutor(len(dealt)) as pool:
+                list(pool.map(lambda lane: run_lane(lane, *args), dealt))
     finally:
         torch.set_num_threads(previous)
 
@@ -205,17 +220,14 @@ def attention(inputs: Inputs, compute: torch.dtype, policy: Rounding = EXACT, ch
     # is folded into the small row-sized operands (O, dQ rows, the Q and dO rows of dK and dV).
     normalise = policy.dtype is not None and (policy.p_before_dv or policy.ds_before_gemm)
 
-    def run_unit(unit) -> None:
-        dk_t, dv_t = (dk_acc, dv_acc) if unit.part == 0 or not grads else extra[unit.part - 1]
-        spans = ([(unit.batch, unit.batch + unit.batches)] if unit.stacked
-                 else [(bi, bi + 1) for bi in range(unit.batch, unit.batch + unit.batches)])
-        for b0, b1 in spans:
-            for c in unit.chunks:
-                _block(case, policy, normalise, (b0, b1, unit.h0, unit.h1), c.r0, c.r1, c.c0, c.c1, positions,
-                       qs, k, ks, v, do, mask, out, lse, dq, dk_t, dv_t)
-
+    offset = 0 if case.causal != "bottom-right" else lk - lq
+    flags = [policy.p_before_pv, policy.p_before_dv, policy.ds_before_gemm, policy.o_as_stored,
+             policy.per_head_dkdv, normalise]
+    dk_parts = [dk_acc, *(p[0] for p in extra)] if grads else []
+    dv_parts = [dv_acc, *(p[1] for p in extra)] if grads else []
     # each unit writes only its own rows and its own partial: results do not depend on threads
-    _parallel(plan.units, run_unit)
+    _run_lanes(plan, (offset, case.causal != "none", positions, qs, k, ks, v, do, mask, out, lse, dq,
+                      dk_parts, dv_parts, policy.dtype, flags))
     for dk_p, dv_p in extra:  # the fixed-order reduction
         dk_acc += dk_p
         dv_acc += dv_p
@@ -249,81 +261,6 @@ def _merge_bytes(case: Case, heads_per_block: int, chunks: list[Chunk], itemsize
     """(one batch element's logits block, the budget a merged block keeps to) for plan_work."""
     rows = max(c.r1 - c.r0 for c in chunks)
     return heads_per_block * case.group_size * rows * case.kv_len * itemsize, BLOCK_BYTES
-
-
-def _slab(t: torch.Tensor, b0: int, b1: int, h0: int, h1: int) -> torch.Tensor:
-    """t[b0:b1, h0:h1] with (batch, head) as one leading dimension, as a view (never a copy: a unit
-    spans several batch elements only with every head, so the two dimensions always merge)."""
-    return t[b0:b1, h0:h1].view(-1, *t.shape[2:])
-
-
-def _block(case, policy, normalise, where, r0, r1, c0, c1, positions, qs, k, ks, v, do, mask, out, lse, dq,
-           dk_acc, dv_acc):
-    """Forward and backward of query rows [r0, r1) (at `positions`) of batch elements [b0, b1) and kv
-    heads [h0, h1) (`where`), against keys [0, c1).
-    Blocks are (batch x head, rows, group, keys): row-major over (row, query head of the group); a
-    block of one batch element is exactly the per-head-block computation, a merged one a longer batch
-    of the same per-matrix GEMMs and elementwise passes."""
-    b0, b1, h0, h1 = where
-    g, n = case.group_size, r1 - r0
-    d, dv_dim = case.head_dim, case.value_dim
-    qc = _slab(qs, b0, b1, h0, h1)[:, r0:r1]  # (nh, n, g, d), each head's rows contiguous
-    nh = qc.shape[0]  # (batch element, kv head) pairs of the block
-    kc, vc = _slab(k, b0, b1, h0, h1)[:, :c1], _slab(v, b0, b1, h0, h1)[:, :c1]
-    s = torch.matmul(qc.reshape(nh, n * g, d), kc.transpose(-1, -2)).view(nh, n, g, c1)
-    if mask is not None:
-        mb = slice(b0, b1) if mask.shape[0] > 1 else slice(0, 1)
-        mh = slice(h0, h1) if mask.shape[1] > 1 else slice(None)
-        mc = mask[mb, mh, r0:r1, :, :c1]
-        s5 = s.view(b1 - b0, h1 - h0, n, g, c1)  # the mask broadcasts over batch and heads: not one dimension
-        if mc.dtype == torch.bool:
-            s5.masked_fill_(~mc, float("-inf"))
-        else:
-            s5.add_(mc.to(s.dtype))  # added exactly as quantized
-    if c0 < c1:  # the causal diagonal: only keys [c0, c1) are masked for some row of the block
-        offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
-        rows = positions[r0:r1, None, None]
-        cols = torch.arange(c0, c1)
-        s[..., c0:c1].masked_fill_(cols > rows + offset, float("-inf"))
-
-    m = s.amax(-1, keepdim=True)
-    dead = m == float("-inf")  # every key masked: torch defines the row as zero
-    m.masked_fill_(dead, 0.0)
-    p = s.sub_(m).exp_()  # unnormalised P~, in place of the logits
-    l = p.sum(-1, keepdim=True)
-    l_safe = l.masked_fill(dead, 1.0)
-    _slab(lse, b0, b1, h0, h1)[:, :, r0:r1] = (m + torch.log(l)).squeeze(-1).transpose(1, 2)
-    p_pv = policy.round(p, policy.p_before_pv)
-    o = torch.matmul(p_pv.view(nh, n * g, c1), vc).view(nh, n, g, dv_dim).div_(l_safe)
-    _slab(out, b0, b1, h0, h1)[:, :, r0:r1] = o.transpose(1, 2)
-    if dq is None:
-        return
-
-    doc = _slab(do, b0, b1, h0, h1)[:, r0:r1]
-    delta = (doc * policy.round(o, policy.o_as_stored)).sum(-1, keepdim=True)
-    dp = torch.matmul(doc.reshape(nh, n * g, dv_dim), vc.transpose(-1, -2)).view(nh, n, g, c1)
-    if normalise:
-        p.div_(l_safe)  # normalised P
-        inv_l = None
-    else:
-        inv_l = 1.0 / l_safe
-    ds = dp.sub_(delta).mul_(p)  # in place of dP; times 1/l when P is unnormalised
-    ds_g = policy.round(ds, policy.ds_before_gemm)
-    p_dv = policy.round(p, policy.p_before_dv)
-    q_dk = qc if inv_l is None else qc * inv_l
-    do_dv = doc if inv_l is None else doc * inv_l
-    dq_c = torch.matmul(ds_g.view(nh, n * g, c1), _slab(ks, b0, b1, h0, h1)[:, :c1]).view(nh, n, g, d)
-    _slab(dq, b0, b1, h0, h1)[:, :, r0:r1] = (dq_c if inv_l is None else dq_c.mul_(inv_l)).transpose(1, 2)
-    dk_s, dv_s = _slab(dk_acc, b0, b1, h0, h1), _slab(dv_acc, b0, b1, h0, h1)
-    if policy.per_head_dkdv:
-        # (nh, g, c1, n) @ (nh, g, n, d): each query head's own dK/dV, summed (rounded) at the end
-        dk_s[:, :, :c1] += torch.matmul(ds_g.permute(0, 2, 3, 1), q_dk.transpose(1, 2))
-        dv_s[:, :, :c1] += torch.matmul(p_dv.permute(0, 2, 3, 1), do_dv.transpose(1, 2))
-    else:
-        # stacking the group's rows makes this GEMM's accumulation the group sum; dK^T = Q^T dS
-        # (accumulated by the GEMM itself, beta = 1: no temporary, no extra pass)
-        dk_s[:, :, :c1].baddbmm_(q_dk.reshape(nh, n * g, d).transpose(-1, -2), ds_g.view(nh, n * g, c1))
-        dv_s[:, :, :c1].baddbmm_(do_dv.reshape(nh, n * g, dv_dim).transpose(-1, -2), p_dv.view(nh, n * g, c1))
 
 
 def oracle(inputs: Inputs, chunk: int | None = None, rows: torch.Tensor | None = None) -> AttentionResult:

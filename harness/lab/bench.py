@@ -34,6 +34,7 @@ from tabulate import tabulate
 from ..core.case import Case, case_spec, parse_case_spec
 from ..core.inputs import make_inputs
 from ..core.sampling import sample_rows
+from ..core.blocks import lanes_path
 from ..core.oracle import oracle, work_plan
 from ..core.suites import load_suite, select_cases
 from ..core.workplan import simulate
@@ -257,6 +258,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         "threads": torch.get_num_threads(),
         "repeats": cfg.repeats,
         "note": f"timings are the best of {cfg.repeats} runs; the machine may be shared",
+        "oracle_lanes": lanes_path(),
         "oracle_gflops": main["gflops"],
         "gemm_gflops": gemm_best,
         "ratio": main["ratio"],
@@ -292,7 +294,8 @@ def render_bench(report: dict[str, Any]) -> str:
         return "\n".join([f"# gqa-harness bench, suite only ({fp['cpu']}, {report['threads']} threads, torch {fp['torch']})",
                           "", *render_stages(report["suite"])])
     lines = [f"# gqa-harness bench ({fp['cpu']}, {report['threads']} threads, torch {fp['torch']})", "",
-             f"{report['note']}. Best square fp64 torch.matmul: {report['gemm_gflops']:.1f} GFLOP/s.", ""]
+             f"{report['note']}. Best square fp64 torch.matmul: {report['gemm_gflops']:.1f} GFLOP/s. "
+             f"Oracle: {report.get('oracle_lanes', 'Python threads')}.", ""]
     rows = [[r["model"], r["case_id"], f"{r['flops'] / 1e9:.1f}", f"{r['seconds']:.2f}", f"{r['gflops']:.2f}",
              f"{r['ratio']:.2f}"] for r in report["throughput"]]
     lines += ["## Oracle throughput (fwd+bwd, fp64)", "",
