@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.core.case import parse_case_spec
 from harness.implementations import builtin_implementations
@@ -17,7 +18,8 @@ from harness.core.inputs import make_inputs
 from harness.repro.issue import write_repro
 from harness.repro.script import ReproError, render_script
 from harness.core.verdict import load_tolerances
-from tests.helpers import session
+from harness.run.session import run_one
+from tests.helpers import cached_references, session
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG = "tests.repro_kernels:tiled_kv_heads"
@@ -126,6 +128,26 @@ def test_a_long_case_script_computes_only_its_sampled_rows_and_a_correct_kernel_
     assert proc.returncode == 0 and "differ from the harness run" not in proc.stdout, proc.stdout + proc.stderr
     rows = 1536 if tensor == "dk" else len(inputs.sample.checked)  # dK: every key, from the sampled rows only
     assert f"{tensor} of (1, {2 if tensor == 'dk' else 4}, {rows}, 64)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("spec,tensor", [
+    ("b=1,hq=4,hkv=2,lq=64,lk=64,d=64,values=negative-lse", "dq"),  # dS is cancellation: the D-term sets the row scale
+    ("b=1,hq=4,hkv=2,lq=64,lk=64,d=64,values=negative-lse", "dk"),
+    (LONG, "dq"),  # grad_out zero off the sample: the eps term's magnitude is that of the sampled rows
+])
+def test_the_script_scales_errors_as_the_harness_does_at_every_level(tmp_path, spec, tensor):
+    """The script's error / scale is the harness's, level by level (its eps magnitude and D-term included):
+    else a correct kernel's script exits 1 on rows whose truth is ~0 (H100: a 128k dQ row at 232x)."""
+    case = parse_case_spec(spec)
+    result = run_one(session(), cached_references(case), builtin_implementations()["sdpa-math"])
+    inputs = make_inputs(case)
+    torch.save({"q": inputs.q, "k": inputs.k, "v": inputs.v, "grad_out": inputs.grad_out}, tmp_path / "inputs.pt")
+    (tmp_path / "repro.py").write_text(render_script(inputs, "sdpa-math", tensor, load_tolerances(), "test", "cpu"))
+    proc = run_fresh(tmp_path / "repro.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for level in ("tensor", "slice", "row"):
+        printed = float(re.search(rf"^{level}\s+([0-9.e+-]+)", proc.stdout, re.M).group(1))
+        assert printed == pytest.approx(result.tensors[tensor].metrics.summary(level)["ratio"], rel=0.01), level
 
 
 @pytest.mark.parametrize("kernel", ["tiled_kv_heads", "dq_written_where_grad_out_is_zero"])

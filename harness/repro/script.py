@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..core.case import Case
 from ..core.inputs import Inputs
+from ..core.metrics import magnitude
 from ..core.oracle import softmax_scale
 from ..core.sampling import sample_rows
 from ..core.verdict import Tolerances
@@ -184,6 +185,18 @@ def _row_sample(case: Case) -> list[str]:
             "# row's grad_out is zero, so its dS is zero)"]
 
 
+def _d_term(tensor: str) -> list[str]:
+    """The script's share of harness/core/cancellation.py: per-row noise O's rounding leaves in dQ or dK."""
+    noise = ("SCALE * w * (p @ k_).norm(dim=-1)" if tensor == "dq" else
+             "(SCALE ** 2 * ((p * p).transpose(-1, -2) @ (w * q_.norm(dim=-1)).pow(2).unsqueeze(-1))"
+             ".squeeze(-1).view(B, HKV, G, LK).sum(2)).sqrt()")
+    return ["    if not noise:",
+            "        return res",
+            "    # where dS is cancellation a correct kernel keeps D's rounding of O (the harness's D-term), per row",
+            "    w = (do_ * (o.to(DTYPE).to(compute) - o)).norm(dim=-1).nan_to_num(0.0, 0.0)",
+            f"    return res, {noise}"]
+
+
 def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
                   user: str | None = None, after: list[tuple[Case, str]] | None = None) -> str:
     """`after`: (case, implementation) calls to replay first, for an order-dependent failure."""
@@ -229,6 +242,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         f"{case.head_dim}, {case.value_dim}",
         f"SCALE = {softmax_scale(case)!r}",
         f"FACTORS = {rules!r}  # level: (factor, min elements per unit), from harness/tolerances.toml",
+        f"MAG = {magnitude(inputs, tensor)!r}  # fp32 noise where {tensor} is truly 0, per unit roundoff (the harness's)",
         f"HASHES = {hashes!r}",
         *_row_sample(case),
         *make,
@@ -257,7 +271,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         *(["off_sample = got[:, :, OFF_GRAD] if T == 'dq' else None",
            "got = got[:, :, ROWS] if T in ('out', 'dq') else got  # the rows the reference computes"] if case.long else []),
         "",
-        "def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False):",
+        f"def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False{', noise=False' if tensor in ('dq', 'dk') else ''}):",
         "    \"\"\"fp64 and no rounding: the truth. fp32 with roundings: a correct bf16/fp16 kernel (rp: P before",
         "    P·V and P^T·dO; rds: dS before its GEMMs; ro: O as stored in D = rowsum(dO*O); rh: per-head dK/dV).\"\"\"",
         "    r = lambda t, on=True: t.to(DTYPE).to(compute) if lowp and on else t",
@@ -278,14 +292,12 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "    ds = p * (do_ @ v_.transpose(-1, -2) - (do_ * r(o, ro)).sum(-1, keepdim=True))",
         "    dk = r(r(ds, rds).transpose(-1, -2) @ q_ * SCALE, rh).view(B, HKV, G, LK, D).sum(2)",
         "    dv = r(r(p, rp).transpose(-1, -2) @ do_, rh).view(B, HKV, G, LK, DV).sum(2)",
-        "    return {'out': r(o), 'dq': r(r(ds, rds) @ k_ * SCALE), 'dk': r(dk), 'dv': r(dv)}[T].double()",
+        "    res = {'out': r(o), 'dq': r(r(ds, rds) @ k_ * SCALE), 'dk': r(dk), 'dv': r(dv)}[T].double()",
+        *(_d_term(tensor) if tensor in ("dq", "dk") else ["    return res"]),
         "",
-        "truth = attention(torch.float64)",
+        "truth, noise = attention(torch.float64, noise=True)" if tensor in ("dq", "dk") else "truth, noise = attention(torch.float64), None",
         "designs = [dict(rp=1, rds=1, ro=1), dict(rp=1, rds=1, ro=1, rh=1), dict(ro=1), dict(rp=1, rds=1)]",
         "lowprec = [attention(torch.float32, True, **d) for d in designs]",
-        "rms = lambda t: t.double().pow(2).mean().sqrt().item()",
-        "dp = rms(do) * rms(v) * DV ** 0.5",
-        "mag = {'out': rms(v), 'dv': rms(do), 'dq': SCALE * dp * rms(k), 'dk': SCALE * dp * rms(q)}[T]",
         "sq = lambda t: t.pow(2).sum(-1)  # per row",
         "norms = {'tensor': lambda t: sq(t).sum().sqrt(), 'slice': lambda t: sq(t).sum(-1).sqrt(), 'row': lambda t: sq(t).sqrt()}",
         "bad = not bool(torch.isfinite(got).all())",
@@ -299,7 +311,8 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "    count = {'tensor': got.numel(), 'slice': got.shape[-2] * got.shape[-1], 'row': got.shape[-1]}[level]",
         "    err, floor = norm(got - truth), norm(truth.to(DTYPE).double() - truth)",
         "    ref = torch.stack([norm(x - truth) for x in lowprec]).amax(0)",
-        "    ratio = err / torch.maximum(torch.maximum(floor, ref), torch.full_like(err, 2 ** -24 * mag * count ** 0.5))",
+        "    scale = torch.maximum(torch.maximum(floor, ref), torch.full_like(err, 2 ** -24 * MAG * count ** 0.5))",
+        "    ratio = err / (scale if noise is None else torch.maximum(scale, norm(noise.unsqueeze(-1))))",
         "    i = int(ratio.flatten().nan_to_num(float('inf')).argmax())",
         "    at = [int(x) for x in torch.unravel_index(torch.tensor(i), ratio.shape)] if ratio.dim() else []",
         "    rel = err.flatten()[i] / norm(truth).flatten()[i].clamp_min(1e-300)",
