@@ -22,7 +22,17 @@ from typing import Any, List, Optional
 
 import torch
 
-FIELDS = 9  # a block in a lane: b0, b1, h0, h1, r0, r1, c0, c1, part
+from .workplan import Unit
+
+FIELDS = 9  # a block in a lane: b0, b1, h0, h1, r0, r1, c0, c1, part (run_lane reads them as a literal 9)
+
+
+def unit_fields(unit: Unit) -> List[int]:
+    """A unit as a lane's flat block list (FIELDS ints per block): a stacked unit is one block per chunk
+    over all its batch elements, an unstacked one a block per batch element and chunk."""
+    spans = ([(unit.batch, unit.batch + unit.batches)] if unit.stacked
+             else [(bi, bi + 1) for bi in range(unit.batch, unit.batch + unit.batches)])
+    return [x for b0, b1 in spans for c in unit.chunks for x in (b0, b1, unit.h0, unit.h1, c.r0, c.r1, c.c0, c.c1, unit.part)]
 
 
 def _round(t: torch.Tensor, dtype: Optional[torch.dtype], when: bool) -> torch.Tensor:
@@ -122,7 +132,7 @@ def run_lane(lane: List[int], causal_offset: int, causal: bool, positions: torch
              dtype: Optional[torch.dtype], flags: List[bool]) -> int:
     """The blocks of one lane in order (FIELDS ints each); each writes its own rows and adds into its
     part's dK/dV partial. Returns the blocks run (a forked call needs a value to wait on)."""
-    blocks = len(lane) // 9  # FIELDS (TorchScript reads no module constants)
+    blocks = len(lane) // 9  # FIELDS: TorchScript reads no module constants
     for i in range(blocks):
         where = lane[i * 9:(i + 1) * 9]
         dk_t: Optional[torch.Tensor] = None

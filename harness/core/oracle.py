@@ -18,17 +18,17 @@ and gradient 0. Rows filled with finite finfo.min / -65504 are ordinary rows.
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from .blocks import run_lane, scripted_run_lanes, unit_fields
 from .case import Case
 from .inputs import Inputs
-from .blocks import run_lane, scripted_run_lanes
-from .workplan import Chunk, Unit, WorkPlan, lanes, plan_work
+from .workplan import Chunk, WorkPlan, lanes, plan_work
 
 BLOCK_BYTES = 2 * 2**20  # one logits block (kv group x rows x keys); a few live at once, in cache
 MIN_GROUP_ROWS = 64  # stacked query rows per GEMM, below which the GEMMs lose efficiency
@@ -129,20 +129,12 @@ def row_chunks(case: Case, positions: torch.Tensor, chunk: int) -> list[Chunk]:
     return out
 
 
-def _blocks_of(unit: Unit) -> list[int]:
-    """A unit as a lane's flat block list (blocks.FIELDS ints each): a stacked unit is one block per
-    chunk over all its batch elements, an unstacked one a block per batch element and chunk."""
-    spans = ([(unit.batch, unit.batch + unit.batches)] if unit.stacked
-             else [(bi, bi + 1) for bi in range(unit.batch, unit.batch + unit.batches)])
-    return [x for b0, b1 in spans for c in unit.chunks for x in (b0, b1, unit.h0, unit.h1, c.r0, c.r1, c.c0, c.c1, unit.part)]
-
-
 def _run_lanes(plan: WorkPlan, args: tuple) -> None:
     """The plan's units in lanes on torch's thread count, every op single-threaded (with one thread too:
     a GEMM's bits may depend on its own thread count, and an OpenMP fork/join per small op costs more
     than it gains). Scripted lanes run on the inter-op pool without the GIL (blocks.py says why)."""
     previous = torch.get_num_threads()
-    dealt = [[x for unit in lane for x in _blocks_of(unit)] for lane in lanes(plan, previous)]
+    dealt = [[x for unit in lane for x in unit_fields(unit)] for lane in lanes(plan, previous)]
     script = scripted_run_lanes()
     if script is not None and torch.get_num_interop_threads() < len(dealt) - 1:
         with contextlib.suppress(RuntimeError):  # settable only before the pool first runs

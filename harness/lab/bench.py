@@ -31,11 +31,11 @@ from typing import Any, Callable
 import torch
 from tabulate import tabulate
 
+from ..core.blocks import lanes_path
 from ..core.case import Case, case_spec, parse_case_spec
 from ..core.inputs import make_inputs
-from ..core.sampling import sample_rows
-from ..core.blocks import lanes_path
 from ..core.oracle import oracle, work_plan
+from ..core.sampling import sample_rows
 from ..core.suites import load_suite, select_cases
 from ..core.workplan import simulate
 from ..reports.store import JsonlSink
