@@ -36,6 +36,29 @@ def late_rows_scaled(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     return out * bump
 
 
+class _GradTimes(torch.autograd.Function):
+    """Identity forward; the backward hands back the gradient times `factor`."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def dq_scaled(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Wrong (subtle, backward only): dQ comes out 3% too large; out, dK and dV are right."""
+    return correct(_GradTimes.apply(query, 1.03), key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def dk_scaled(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Wrong (subtle, backward only): dK comes out 3% too large; out, dQ and dV are right."""
+    return correct(query, _GradTimes.apply(key, 1.03), value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
 _PLAN: dict[str, int] = {}
 
 
