@@ -3,11 +3,13 @@ negligible elsewhere, and does not blind the verdict to a wrong kernel on those 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from harness.core.case import Case
+from harness.core.cancellation import LOGIT_CAP, row_terms
+from harness.core.case import Case, parse_case_spec
 from harness.core.metrics import tensor_metrics
-from harness.core.oracle import Rounding, attention
+from harness.core.oracle import Rounding, attention, softmax_scale
 from harness.core.results import Status
 from harness.core.verdict import judge_metrics, load_tolerances
 
@@ -52,3 +54,59 @@ def test_dk_noise_has_one_row_per_key_of_each_kv_head():
     refs = cached_references(Case(2, 8, 2, 16, 24, 32, causal="bottom-right"))
     assert refs.row_noise["dk"].shape == (2, 2, 24)
     assert refs.row_noise["dq"].shape == (2, 8, 16)
+
+
+def _dense_logit_term(inputs, oracle_out):
+    """The logit term written out densely (K/V expanded, one softmax, |v_j - O_i| taken directly), independent of
+    the blocked core loop."""
+    case = inputs.case
+    g, scale = case.group_size, softmax_scale(case)
+    ulp = lambda x: torch.where(x > 0, 2.0 ** (torch.frexp(x)[1] - 24).double(), 0.0)  # noqa: E731
+    q, do, o = inputs.q.double(), inputs.grad_out.double(), oracle_out.double()
+    k, v = (t.double().repeat_interleave(g, 1) for t in (inputs.k, inputs.v))
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if inputs.mask is not None:
+        s = s.masked_fill(~inputs.mask, float("-inf")) if inputs.mask.dtype == torch.bool else s + inputs.mask.double()
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.softmax(s, -1)
+    abs_s = torch.where(p > 0, s.abs(), 0.0)
+    sig_f = ((2 / 12) ** 0.5 * ulp(abs_s)).clamp_max(LOGIT_CAP)
+    sig_b = ((2 / 12) ** 0.5 * (ulp(abs_s) ** 2 + ulp(lse.abs()) ** 2).sqrt()).clamp_max(LOGIT_CAP)
+    gap = torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True)
+    w = (p * sig_b * gap) ** 2
+    fold = lambda t: t.view(case.batch, case.kv_heads, g, case.kv_len).sum(2)  # noqa: E731
+    return {"logit_out": ((p * sig_f) ** 2 * ((v[:, :, None] - o[:, :, :, None]) ** 2).sum(-1)).sum(-1).sqrt(),
+            "logit_dv": fold(((p * sig_b) ** 2 * do.pow(2).sum(-1, keepdim=True)).sum(-2)).sqrt(),
+            "logit_dq": (scale**2 * (w * k.pow(2).sum(-1)[..., None, :]).sum(-1)).sqrt(),
+            "logit_dk": fold((scale**2 * w * q.pow(2).sum(-1, keepdim=True)).sum(-2)).sqrt()}
+
+
+@pytest.mark.parametrize("spec", [
+    "b=2,hq=2,hkv=2,lq=9,lk=9,d=64,dtype=fp16,mask=fully-masked-rows,mask_fill=-65504,values=large-logits",
+    "b=1,hq=4,hkv=2,lq=33,lk=20,d=32,dtype=bf16,mask=fully-masked-rows,mask_fill=-65504",
+])
+def test_the_logit_term_equals_its_dense_formula(spec):
+    refs = cached_references(parse_case_spec(spec))
+    terms, dense = row_terms(refs.inputs, refs.oracle["out"]), _dense_logit_term(refs.inputs, refs.oracle["out"])
+    for name, want in dense.items():
+        assert float(want.max()) > 0, name  # the case exercises the term
+        # out: the core's |v_j - O_i|² = |v|² - 2 O·v + |O|² cancels in fp64 (|v|² ~ 64: ~1e-14 absolute), which
+        # reaches 1e-6 of the case's largest row term on rows where O sits on v_j, far under any row's floor;
+        # the others agree to fp64 summation order
+        atol = (1e-6 if name == "logit_out" else 1e-12) * float(want.max())
+        torch.testing.assert_close(terms[name], want, rtol=1e-9, atol=atol, msg=name)
+
+
+def test_the_logit_term_on_sampled_rows_is_the_full_terms_rows():
+    refs = cached_references(parse_case_spec("b=1,hq=4,hkv=2,lq=40,lk=40,d=32,dtype=fp16,causal=top-left,"
+                                             "mask=fully-masked-rows,mask_fill=-65504"))
+    rows = torch.tensor([0, 7, 21, 39])
+    full = row_terms(refs.inputs, refs.oracle["out"])
+    sampled = row_terms(refs.inputs, refs.oracle["out"].index_select(2, rows), rows)
+    for name in ("logit_out", "logit_dq", "d_dq"):
+        torch.testing.assert_close(sampled[name], full[name].index_select(2, rows), rtol=1e-12, atol=0, msg=name)
+
+
+def test_a_forward_only_case_gets_the_logit_term_for_out_alone():
+    refs = cached_references(parse_case_spec("b=1,hq=2,hkv=1,lq=8,lk=8,d=16,grads=False"))
+    assert set(refs.row_noise) == {"out"}

@@ -116,6 +116,8 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
 
 
 LONG = "b=1,hq=4,hkv=2,lq=1536,d=64,causal=top-left,long=True"
+M65504 = "b=2,hq=2,hkv=2,lq=9,lk=9,d=64,dtype=fp16,mask=fully-masked-rows,mask_fill=-65504,values=large-logits"
+M65504_CAUSAL = "b=3,hq=2,hkv=1,lq=63,lk=63,d=64,dtype=fp16,causal=top-left,mask=fully-masked-rows,mask_fill=-65504"
 
 
 @pytest.mark.parametrize("tensor", ["out", "dq", "dk"])
@@ -134,14 +136,17 @@ def test_a_long_case_script_computes_only_its_sampled_rows_and_a_correct_kernel_
     ("b=1,hq=4,hkv=2,lq=64,lk=64,d=64,values=negative-lse", "dq"),  # dS is cancellation: the D-term sets the row scale
     ("b=1,hq=4,hkv=2,lq=64,lk=64,d=64,values=negative-lse", "dk"),
     (LONG, "dq"),  # grad_out zero off the sample: the eps term's magnitude is that of the sampled rows
+    # rows whose every logit carries -65504: the logit term sets the scale (math's dV tensor ratio 0.97 -> 0.15)
+    (M65504, "dv"), (M65504_CAUSAL, "out"), (M65504_CAUSAL, "dk"),
 ])
 def test_the_script_scales_errors_as_the_harness_does_at_every_level(tmp_path, spec, tensor):
-    """The script's error / scale is the harness's, level by level (its eps magnitude and D-term included):
-    else a correct kernel's script exits 1 on rows whose truth is ~0 (H100: a 128k dQ row at 232x)."""
+    """The script's error / scale is the harness's, level by level (its eps magnitude, D-term and logit term
+    included): else a correct kernel's script exits 1 on rows whose truth is ~0 (H100: a 128k dQ row at 232x)."""
     case = parse_case_spec(spec)
     result = run_one(session(), cached_references(case), builtin_implementations()["sdpa-math"])
     inputs = make_inputs(case)
-    torch.save({"q": inputs.q, "k": inputs.k, "v": inputs.v, "grad_out": inputs.grad_out}, tmp_path / "inputs.pt")
+    torch.save({"q": inputs.q, "k": inputs.k, "v": inputs.v, "grad_out": inputs.grad_out,
+                **({"mask": inputs.mask} if inputs.mask is not None else {})}, tmp_path / "inputs.pt")
     (tmp_path / "repro.py").write_text(render_script(inputs, "sdpa-math", tensor, load_tolerances(), "test", "cpu"))
     proc = run_fresh(tmp_path / "repro.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr

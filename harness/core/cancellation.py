@@ -1,7 +1,7 @@
-"""The error a correct kernel cannot avoid where dS is pure cancellation.
+"""Per-row noise a correct fp32-accumulating kernel cannot avoid, beside the designs' envelope.
 
-dS_ij = P_ij (dP_ij - D_i) with D_i = rowsum(dO_i ∘ O_i), and O as stored is rounded to
-the dtype. On a row whose softmax sits on a few keys, dP_ij ≈ D_i and dQ, dK are mostly
+The D-term (dQ, dK). dS_ij = P_ij (dP_ij - D_i) with D_i = rowsum(dO_i ∘ O_i), and O as stored is
+rounded to the dtype. On a row whose softmax sits on a few keys, dP_ij ≈ D_i and dQ, dK are mostly
 what is left of that cancellation, so they inherit the rounding of O through D:
     δD_i   ~ ||dO_i ∘ (O_i as stored - O_i)||         (O's rounding; 0 where O is exact, e.g. one key)
     δdQ_i  = -scale · δD_i · Σ_j P_ij k_j             (the attention-weighted mean key)
@@ -9,12 +9,28 @@ what is left of that cancellation, so they inherit the rounding of O through D:
 Which realisation of δO a kernel gets depends on its own rounding of O, so a handful of
 reference designs, each one realisation, can land far under it: measured, the accepted
 designs scored up to 15x the envelope of the others on such dQ rows (calibration, CPU),
-and real kernels alike. This module gives the magnitude, per row. The rounding magnitude is the
-correctly rounded O's, element by element, so a row whose O is exact in the dtype (a row that
-sees one key: O = v_j) gets no allowance at all.
+and real kernels alike. The rounding magnitude is the correctly rounded O's, element by element,
+so a row whose O is exact in the dtype (a row that sees one key: O = v_j) gets no allowance at all.
+
+The logit term (out, dQ, dK, dV). A kernel holds the logits S_ij in fp32, so where |S| is large (a row
+every key of which carries a finite mask fill such as fp16's -65504, or huge logits) each logit is rounded
+at fp32's resolution at |S|, not at |S - LSE|: relative errors in P of RMS sqrt(2/12)·ulp32(|S_ij|) (the
+logit and its exp2-domain product). The forward normalises by the row sum, so its error is centred on O:
+    out_i : Σ_j P_ij² σ_f² |v_j - O_i|²   (0 on a row that sees one key: O = v_j)
+The backward recomputes P = exp(S - LSE) from the saved LSE, and an exp2-domain kernel rescales S and the LSE
+by log2 e in fp32 with its own roundings (FlashAttention-2's exp2(S·c - LSE·c)), so nothing cancels, not even
+on a row that sees one key: σ_b² = (2/12)(ulp32(|S_ij|)² + ulp32(|LSE_i|)²), rows independent,
+    dV_j : Σ_i P_ij² σ_b² |dO_i|²      dQ_i : scale² Σ_j P_ij² σ_b² g_ij² |k_j|²      dK_j : the same over i, |q_i|²
+with g_ij = dP_ij - D_i. σ_f and σ_b are capped at 2^-8, so that a row which loses its logits entirely
+(finfo.min fills: fl(M + log n) = M) stays judged. On ordinary logits it stays under the scale's other terms
+(edge, smoke and the calibration on the CPU: no scale changed); a textbook fp32 FlashAttention-2 needs it on
+the -65504 rows (docs/benchmarks-calibration.md, "Near-threshold families"). dQ and dK take the larger of
+the two terms.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,50 +38,119 @@ from .inputs import Inputs
 from .oracle import causal_keep_at, softmax_scale
 
 CHUNK_BYTES = 64 * 2**20
+LOGIT_CAP = 2.0**-8  # the logit term's relative P error at most fp32's resolution at |S| = 2^16
+_ROUNDINGS = 2 / 12  # two roundings, each of variance ulp²/12
+_EXPONENT = 0x7FF0000000000000  # an fp64's exponent bits: 2^floor(log2 |x|)
 
 
-def d_term_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from D's rounding, in the tensors' units.
-    `rows`: the query rows `oracle_out` holds (a long case's); dQ's noise is then for those rows, and
-    dK's is exact as long as grad_out is zero on every other row (their weight is zero)."""
+def ulp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ulp of |x| (x >= 0, fp64, finite), 0 where x is 0: 2^floor(log2 x) · 2^-23, from the exponent bits."""
+    return (x.view(torch.int64) & _EXPONENT).view(torch.float64).mul_(2.0**-23)
+
+
+def _stacked(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """(B, Hkv, G, Lq, X) rows r0:r1 -> (B, Hkv, G·n, X): the group's rows as one GEMM per kv head."""
+    b, h, g = t.shape[:3]
+    return t[:, :, :, r0:r1].reshape(b, h, g * (r1 - r0), -1)
+
+
+def _by_key(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ over the group and the rows of x (B, Hkv, G, n, Lk) weighted by w (B, Hkv, G, n): one GEMM, no copy."""
+    b, h, g, n, lk = x.shape
+    return torch.matmul(w.reshape(b, h, 1, g * n), x.reshape(b, h, g * n, lk))[..., 0, :]
+
+
+def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Each term apart, per row, in the tensors' units: "logit_out" (B, Hq, Lq), and for a case with gradients
+    "d_dq", "logit_dq" (B, Hq, Lq), "d_dk", "logit_dk", "logit_dv" (B, Hkv, Lk). `rows`: the query rows
+    `oracle_out` holds (a long case's); out and dQ are then those rows', and dK/dV exact as long as grad_out
+    is zero on every other row (their weight is zero)."""
     case = inputs.case
     b, hq, hkv, lk, g = case.batch, case.q_heads, case.kv_heads, case.kv_len, case.group_size
+    grads = case.grads
     positions = torch.arange(case.q_len) if rows is None else rows
     lq = len(positions)
     scale = softmax_scale(case)
-    q_rows = inputs.q if rows is None else inputs.q.index_select(2, rows)
-    do_rows = inputs.grad_out if rows is None else inputs.grad_out.index_select(2, rows)
-    q = q_rows.double().view(b, hkv, g, lq, case.head_dim)
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:
+        return (t if rows is None else t.index_select(2, rows)).double().view(b, hkv, g, lq, t.shape[-1])
+
+    q = rows_of(inputs.q)
     # (B, Hkv, Lk, D): the group's rows are stacked into one GEMM per kv head; a K broadcast over the
     # group made matmul copy K once per query head and chunk (65 % of this function's time at 8k keys)
-    k = inputs.k.double()
-    o = oracle_out.double()
-    o_rounding = o.to(inputs.q.dtype).double() - o  # what storing O in the dtype does to it
-    weight = (do_rows.double() * o_rounding).norm(dim=-1).view(b, hkv, g, lq)
-    weight = torch.nan_to_num(weight, nan=0.0, posinf=0.0)
-    qnorm = q.norm(dim=-1)
+    k, v = inputs.k.double(), inputs.v.double()
+    o_raw = oracle_out.double().view(b, hkv, g, lq, -1)
+    o = torch.nan_to_num(o_raw, nan=0.0, posinf=0.0, neginf=0.0)
+    v2 = v.pow(2).sum(-1)[:, :, None, None, :]  # (B, Hkv, 1, 1, Lk)
+    if grads:
+        do = rows_of(inputs.grad_out)
+        o_rounding = o_raw.to(inputs.q.dtype).double() - o_raw  # what storing O in the dtype does to it
+        weight = torch.nan_to_num((do * o_rounding).norm(dim=-1), nan=0.0, posinf=0.0)
+        qnorm2 = q.pow(2).sum(-1)
+        k2 = k.pow(2).sum(-1, keepdim=True)  # (B, Hkv, Lk, 1)
+        do2 = do.pow(2).sum(-1)
+        delta = (do * o).sum(-1, keepdim=True)
     mask = inputs.mask
     if mask is not None:
-        mask = mask if rows is None else mask.index_select(2, rows)
+        mask = mask if rows is None or mask.shape[2] == 1 else mask.index_select(2, rows)
         per_head = mask.shape[1] != 1
-        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, lq, lk)
+        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], lk)
         mask = mask if mask.dtype == torch.bool else mask.double()
-    dq = torch.zeros(b, hkv, g, lq, dtype=torch.float64)
-    dk2 = torch.zeros(b, hkv, lk, dtype=torch.float64)
-    step = max(1, min(lq, CHUNK_BYTES // (8 * b * hq * lk)))
+    f64 = {"dtype": torch.float64}
+    out2 = torch.zeros(b, hkv, g, lq, **f64)
+    if grads:
+        d_dq, logit_dq2 = torch.zeros(b, hkv, g, lq, **f64), torch.zeros(b, hkv, g, lq, **f64)
+        d_dk2, logit_dk2, logit_dv2 = (torch.zeros(b, hkv, lk, **f64) for _ in range(3))
+    # about six (rows x Lk) fp64 temporaries live at once: a block is a sixth of CHUNK_BYTES
+    step = max(1, min(lq, CHUNK_BYTES // (48 * b * hq * lk)))
     for r0 in range(0, lq, step):
         r1 = min(lq, r0 + step)
         n = r1 - r0
-        s = torch.matmul(q[:, :, :, r0:r1].reshape(b, hkv, g * n, -1), k.transpose(-1, -2)).mul_(scale)
-        s = s.view(b, hkv, g, n, lk)
+        stacked = functools.partial(_stacked, r0=r0, r1=r1)
+
+        s = torch.matmul(stacked(q), k.transpose(-1, -2)).mul_(scale).view(b, hkv, g, n, lk)
         if mask is not None:
-            mc = mask[..., r0:r1, :]
+            mc = mask if mask.shape[3] == 1 else mask[..., r0:r1, :]
             s = s.masked_fill(~mc, float("-inf")) if mc.dtype == torch.bool else s + mc
         keep = causal_keep_at(case, positions[r0:r1])
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # rows that see no key are zero
-        w = weight[..., r0:r1]
-        dq[..., r0:r1] = scale * w * torch.matmul(p.reshape(b, hkv, g * n, lk), k).view(b, hkv, g, n, -1).norm(dim=-1)
-        dk2 += (scale**2) * torch.einsum("bhgnk,bhgn->bhk", p * p, (w * qnorm[..., r0:r1]) ** 2)
-    return {"dq": dq.view(b, hq, lq), "dk": dk2.sqrt()}
+        p2 = p * p
+        # the logit term; masked keys (|S| = inf) carry P = 0
+        var_s = ulp32(torch.where(p > 0, s.abs(), 0.0)).square_().mul_(_ROUNDINGS)
+        vo2 = torch.matmul(stacked(o), v.transpose(-1, -2)).mul_(-2).view(b, hkv, g, n, lk)
+        vo2.add_(v2).add_(o[:, :, :, r0:r1].pow(2).sum(-1, keepdim=True)).clamp_min_(0)  # |v_j - O_i|²
+        out2[..., r0:r1] = (var_s.clamp_max(LOGIT_CAP**2).mul_(p2).mul_(vo2)).sum(-1)
+        del vo2
+        if not grads:
+            continue
+        dw = weight[..., r0:r1]
+        pk = torch.matmul(p.reshape(b, hkv, g * n, lk), k).view(b, hkv, g, n, -1).norm(dim=-1)  # |k̄_i|
+        d_dq[..., r0:r1] = scale * dw * pk
+        d_dk2 += scale**2 * _by_key(p2, dw.square() * qnorm2[..., r0:r1])
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        del s
+        var_l = ulp32(torch.nan_to_num(lse.abs(), posinf=0.0)).square_().mul_(_ROUNDINGS)
+        wb = var_s.add_(var_l).clamp_max_(LOGIT_CAP**2).mul_(p2)  # P² var(r_ij)
+        logit_dv2 += _by_key(wb, do2[..., r0:r1])
+        gap = torch.matmul(stacked(do), v.transpose(-1, -2)).view(b, hkv, g, n, lk).sub_(delta[..., r0:r1, :])
+        wl = wb.mul_(gap.square_())
+        logit_dq2[..., r0:r1] = scale**2 * torch.matmul(wl.reshape(b, hkv, g * n, lk), k2).view(b, hkv, g, n)
+        logit_dk2 += scale**2 * _by_key(wl, qnorm2[..., r0:r1])
+    terms = {"logit_out": out2.sqrt().view(b, hq, lq)}
+    if grads:
+        terms |= {"d_dq": d_dq.view(b, hq, lq), "logit_dq": logit_dq2.sqrt().view(b, hq, lq),
+                  "d_dk": d_dk2.sqrt(), "logit_dk": logit_dk2.sqrt(), "logit_dv": logit_dv2.sqrt()}
+    return terms
+
+
+def row_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The per-row noise of every tensor the yardstick takes: out and dV the logit term, dQ and dK the larger
+    of the D-term and the logit term (`row_terms`: shapes and `rows`)."""
+    t = row_terms(inputs, oracle_out, rows)
+    noise = {"out": t["logit_out"]}
+    if "d_dq" in t:
+        noise |= {"dq": torch.maximum(t["d_dq"], t["logit_dq"]), "dk": torch.maximum(t["d_dk"], t["logit_dk"]),
+                  "dv": t["logit_dv"]}
+    return noise

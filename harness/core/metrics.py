@@ -70,7 +70,7 @@ class Level:
     eps: torch.Tensor
     truth: torch.Tensor
     count: int  # elements per unit
-    dterm: torch.Tensor | None = None  # dQ/dK noise inherited from D's rounding (cancellation.py)
+    dterm: torch.Tensor | None = None  # the per-row noise a correct kernel cannot avoid (cancellation.row_noise)
 
     # cached: the verdict, the summaries and the report read them many times, each a pass per access
     @functools.cached_property
@@ -238,7 +238,7 @@ def _yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inp
 def _tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
                    inputs: Inputs, row_noise: torch.Tensor | None = None, ys: Yardstick | None = None) -> TensorMetrics:
     """`actual` must already have the oracle's shape (the verdict checks the contract first).
-    `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py).
+    `row_noise`: per-row (B, H, L) noise a correct kernel cannot avoid (cancellation.row_noise: D-term, logit term).
     `ys`: the case's yardstick for this tensor, when the caller kept it (else computed here)."""
     ys = ys if ys is not None else _yardstick(name, oracle, lowprec, inputs, row_noise)
     actual = actual.detach().cpu()
@@ -311,7 +311,7 @@ def yardstick(name: str, oracle: torch.Tensor, lowprec: list[torch.Tensor], inpu
 def tensor_metrics(name: str, actual: torch.Tensor, oracle: torch.Tensor, lowprec: list[torch.Tensor],
                    inputs: Inputs, row_noise: torch.Tensor | None = None, ys: Yardstick | None = None) -> TensorMetrics:
     """`actual` must already have the oracle's shape (the verdict checks the contract first).
-    `row_noise`: per-row (B, H, L) noise that O's rounding leaves in dQ, dK through D (cancellation.py).
+    `row_noise`: per-row (B, H, L) noise a correct kernel cannot avoid (cancellation.row_noise: D-term, logit term).
     `ys`: the case's yardstick for this tensor, when the caller kept it (else computed here)."""
     with _threads_for(oracle.numel()):
         return _tensor_metrics(name, actual, oracle, lowprec, inputs, row_noise, ys)

@@ -1,5 +1,5 @@
 """Everything a case is judged against, computed once on the CPU and shared by every implementation:
-the inputs, the fp64 oracle, the low-precision reference designs, the D-term row noise, and each tensor's
+the inputs, the fp64 oracle, the low-precision reference designs, the per-row noise (cancellation.py), and each tensor's
 yardstick (metrics.py: everything the metrics need that does not depend on the implementation)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cancellation import d_term_noise
+from .cancellation import row_noise
 from .case import Case
 from .inputs import Inputs, make_inputs
 from .lowprec import lowprec_reference
@@ -23,7 +23,7 @@ class References:
     oracle: dict[str, torch.Tensor]
     lowprec: dict[str, list[torch.Tensor]]
     seconds: float
-    row_noise: dict[str, torch.Tensor] = field(default_factory=dict)  # cancellation.d_term_noise
+    row_noise: dict[str, torch.Tensor] = field(default_factory=dict)  # cancellation.row_noise
     yardsticks: dict[str, Yardstick] = field(default_factory=dict)  # per tensor, shared by every implementation
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (wall, CPU) seconds
 
@@ -60,7 +60,7 @@ def references(case: Case) -> References:
     laps.lap("oracle")
     lp = lowprec_reference(inputs, rows).tensors()
     laps.lap("lowprec")
-    noise = d_term_noise(inputs, truth["out"], rows) if case.grads else {}
+    noise = row_noise(inputs, truth["out"], rows)
     laps.lap("dterm")
     sticks = {name: yardstick(name, t, lp[name], inputs, noise.get(name)) for name, t in truth.items()}
     laps.lap("yardsticks")

@@ -1,5 +1,6 @@
-"""Near-threshold families (-65504 rows, negative LSE): reference kernels against the yardstick as it is,
-and against two candidate allowances (a prototype: the harness's verdict is not changed here).
+"""Near-threshold families (-65504 rows, negative LSE): reference kernels against the yardstick before and
+after the logit term (in the core since it left the prototype: harness/core/cancellation.py), and against the
+coherent and per-head allowances still in proposal here (the harness's verdict is not changed by them).
 
     python -m harness.lab.nearthreshold [--seeds N] [--family c1|c2|control|all]
     python -m harness.lab.nearthreshold cli calibrate --device cpu --seeds 1   # any command, proposal installed
@@ -7,10 +8,9 @@ and against two candidate allowances (a prototype: the harness's verdict is not 
 
 Prints, per case and implementation, the largest error / scale at the tensor / slice / row level for each
 tensor, under
-  now   — the yardstick as committed (floor, low-precision designs, epsilon term, D-term);
-  +lse  — plus a logit-rounding term: relative P errors of the RMS of fp32 roundings at the logits' and the
-          log-sum-exp's own magnitude (each ulp/sqrt(12); two of |S_ij| in the forward: the logit and its exp2-domain
-          product; two more of |LSE_i| in the backward's P = exp(S - LSE)), capped at 2^-8, propagated to out, dQ, dK, dV in quadrature (rows independent);
+  now   — the yardstick before the logit term (floor, low-precision designs, epsilon term, D-term);
+  +lse  — the core as committed: plus the logit-rounding term (cancellation.row_terms: relative P errors of the RMS
+          of fp32 roundings at the logits' and the log-sum-exp's own magnitude, capped at 2^-8);
   +Dpv  — +lse, and the D-term's O error taken as O's final rounding plus the rounding of P~ before P~V
           (dterm_pv), the larger of the two D-terms;
   +all  — for dQ/dK: the larger of the D-term as committed and sqrt(Dpv^2 + dS^2 + lse^2), where dS is the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import math
 import os
 import runpy
 import sys
@@ -33,6 +32,7 @@ import sys
 import torch
 
 import harness.core.references as core_refs
+from harness.core.cancellation import row_noise, row_terms
 from harness.core.case import parse_case_spec
 from harness.core.metrics import tensor_metrics, yardstick
 from harness.core.oracle import causal_keep_at, softmax_scale
@@ -43,9 +43,7 @@ from harness.run.execute import run_implementation
 
 from . import refkernels
 
-U32 = 2.0**-24
 PER_HEAD = os.environ.get("GQA_NEARTHRESHOLD_PER_HEAD", "1") == "1"  # the per-head dK/dV term (=0: without it)
-CAP = 2.0**-8
 
 FAMILIES = {
     "c1": [
@@ -82,40 +80,6 @@ def zero_huge_rows(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         return out
     huge = (attn_mask.float() <= -65504).all(-1, keepdim=True)
     return out.masked_fill(huge.expand_as(out), 0.0)
-
-
-def _ulp(x):
-    """fp32 ulp of |x| (x >= 0, fp64), 0 where x is 0."""
-    _, e = torch.frexp(x)
-    return torch.where(x > 0, torch.ldexp(torch.ones_like(x), e - 24), torch.zeros_like(x))
-
-
-def logit_noise(inputs, oracle_out):
-    """Per-row noise (B, H, L) of out, dQ, dK, dV from relative P errors of sigma (module docstring), in fp64."""
-    case = inputs.case
-    b, hkv, lk, g = case.batch, case.kv_heads, case.kv_len, case.group_size
-    scale = softmax_scale(case)
-    q, k, v, do, s, _ = _dense(inputs)
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    p = torch.nan_to_num(torch.exp(s - lse), nan=0.0)
-    absS = torch.where(p > 0, s.abs(), torch.zeros((), dtype=torch.float64))
-    absL = torch.nan_to_num(lse.abs(), posinf=0.0)
-    # RMS of k roundings to fp32 at magnitude x: sqrt(k / 12) ulp(x); forward: the logit and its
-    # exp2-domain product (k = 2), backward: those and the LSE's two (k = 2 + 2)
-    sig_f = (math.sqrt(2 / 12) * _ulp(absS)).clamp_max(CAP)
-    sig_b = (math.sqrt(2 / 12) * (_ulp(absS) ** 2 + _ulp(absL) ** 2).sqrt()).clamp_max(CAP)
-    o = oracle_out.double()
-    # out_i: sum_j P_ij e_ij (v_j - O_i)
-    vo2 = (v.pow(2).sum(-1)[..., None, :] - 2 * torch.matmul(o, v.transpose(-1, -2)) + o.pow(2).sum(-1, keepdim=True))
-    out2 = ((p * sig_f) ** 2 * vo2.clamp_min(0)).sum(-1)
-    # dV_j: sum_i P_ij e_ij dO_i
-    dv2 = ((p * sig_b) ** 2 * do.pow(2).sum(-1, keepdim=True)).sum(-2).view(b, hkv, g, lk).sum(2)
-    dp = torch.matmul(do, v.transpose(-1, -2))
-    delta = (do * o).sum(-1, keepdim=True)
-    w = (p * sig_b * (dp - delta)) ** 2
-    dq2 = scale**2 * (w * k.pow(2).sum(-1)[..., None, :]).sum(-1)
-    dk2 = (scale**2 * (w * q.pow(2).sum(-1, keepdim=True)).sum(-2)).view(b, hkv, g, lk).sum(2)
-    return {"out": out2.sqrt(), "dq": dq2.sqrt(), "dk": dk2.sqrt(), "dv": dv2.sqrt()}
 
 
 def _ulp_dtype(x, dtype):
@@ -216,20 +180,19 @@ def dterm_pv(inputs, oracle_out):
     return {"dq": dq, "dk": dk2.sqrt()}
 
 
-def proposed_noise(inputs, oracle_out, row_noise):
-    """The proposal (+all) as per-row noise for every tensor: out and dV the logit-rounding term; dQ and dK the
-    larger of the committed D-term and sqrt(Dpv^2 + dS^2 + logit^2). fp32 cases: the logit term only."""
-    lse = logit_noise(inputs, oracle_out)
-    if not row_noise:  # forward only
-        return {"out": lse["out"]}
-    if inputs.q.dtype == torch.float32:
-        return {"out": lse["out"], "dv": lse["dv"], "dq": torch.maximum(row_noise["dq"], lse["dq"]),
-                "dk": torch.maximum(row_noise["dk"], lse["dk"])}
+def proposed_noise(inputs, oracle_out):
+    """The proposal (+all) as per-row noise for every tensor: out and dV the core's logit term; dQ and dK the
+    larger of the D-term and sqrt(Dpv^2 + dS^2 + logit^2). fp32 cases: the core's noise (D-term, logit term)."""
+    terms = row_terms(inputs, oracle_out)
+    core = row_noise(inputs, oracle_out)
+    if "dq" not in core or inputs.q.dtype == torch.float32:
+        return core
     dsn = ds_rounding_noise(inputs, oracle_out)
     dpv = dterm_pv(inputs, oracle_out)
-    noise = {"out": lse["out"], "dv": lse["dv"]}
+    noise = {"out": core["out"], "dv": core["dv"]}
     for name in ("dq", "dk"):
-        noise[name] = torch.maximum(row_noise[name], (dpv[name] ** 2 + dsn[name] ** 2 + lse[name] ** 2).sqrt())
+        coherent = (dpv[name] ** 2 + dsn[name] ** 2 + terms[f"logit_{name}"] ** 2).sqrt()
+        noise[name] = torch.maximum(terms[f"d_{name}"], coherent)
     if PER_HEAD:
         ph = per_head_rounding_noise(inputs, oracle_out)
         noise["dk"] = torch.maximum(noise["dk"], (noise["dk"] ** 2 + ph["dk"] ** 2).sqrt())
@@ -242,7 +205,7 @@ def _proposed_references(original):
         refs = original(case)
         if refs.rows is not None:  # a long case's row-sampled references: left as they are
             return refs
-        noise = proposed_noise(refs.inputs, refs.oracle["out"], refs.row_noise)
+        noise = proposed_noise(refs.inputs, refs.oracle["out"])
         sticks = {name: yardstick(name, t, refs.lowprec[name], refs.inputs, noise.get(name))
                   for name, t in refs.oracle.items()}
         return dataclasses.replace(refs, row_noise=noise, yardsticks=sticks)
@@ -280,7 +243,8 @@ def _ratios(m):
 def measure(spec: str, impls) -> list[str]:
     case = parse_case_spec(spec)
     refs = references(case)
-    lse_noise = logit_noise(refs.inputs, refs.oracle["out"])
+    terms = row_terms(refs.inputs, refs.oracle["out"])
+    before = {"dq": terms.get("d_dq"), "dk": terms.get("d_dk")}  # the D-term alone
     lowp = refs.inputs.q.dtype != torch.float32
     dsn = ds_rounding_noise(refs.inputs, refs.oracle["out"]) if lowp else {}
     dpv = dterm_pv(refs.inputs, refs.oracle["out"]) if lowp else {}
@@ -296,15 +260,15 @@ def measure(spec: str, impls) -> list[str]:
             actual = outs.tensors.get(name)
             if actual is None:
                 continue
-            truth, lp, dterm = refs.oracle[name], refs.lowprec[name], refs.row_noise.get(name)
+            truth, lp, dterm = refs.oracle[name], refs.lowprec[name], before.get(name)
             now = tensor_metrics(name, actual, truth, lp, refs.inputs, dterm)
-            comb = lse_noise[name] if dterm is None else torch.maximum(dterm, lse_noise[name])
+            comb = refs.row_noise.get(name)  # the core: the larger of the D-term and the logit term
             plus_lse = tensor_metrics(name, actual, truth, lp, refs.inputs, comb)
             d2 = dpv.get(name)
             comb2 = comb if d2 is None else torch.maximum(comb, d2)
             plus_do = tensor_metrics(name, actual, truth, lp, refs.inputs, comb2)
             d3 = dsn.get(name)
-            comb3 = comb if d3 is None else torch.maximum(dterm, (d2**2 + d3**2 + lse_noise[name] ** 2).sqrt())
+            comb3 = comb if d3 is None else torch.maximum(dterm, (d2**2 + d3**2 + terms[f"logit_{name}"] ** 2).sqrt())
             plus_ds = tensor_metrics(name, actual, truth, lp, refs.inputs, comb3)
             fmt = lambda r: "/".join(f"{x:.2f}" if x < 1e4 else f"{x:.1e}" for x in r)
             cells.append(f"{name} {fmt(_ratios(now))} | {fmt(_ratios(plus_lse))} | {fmt(_ratios(plus_do))}"

@@ -12,6 +12,9 @@ error is beyond the harness's factor at some level, 0 otherwise.
 
 from __future__ import annotations
 
+import torch
+
+from ..core.cancellation import LOGIT_CAP
 from ..core.case import Case
 from ..core.inputs import Inputs
 from ..core.metrics import magnitude
@@ -185,16 +188,54 @@ def _row_sample(case: Case) -> list[str]:
             "# row's grad_out is zero, so its dS is zero)"]
 
 
-def _d_term(tensor: str) -> list[str]:
-    """The script's share of harness/core/cancellation.py: per-row noise O's rounding leaves in dQ or dK."""
-    noise = ("SCALE * w * (p @ k_).norm(dim=-1)" if tensor == "dq" else
-             "(SCALE ** 2 * ((p * p).transpose(-1, -2) @ (w * q_.norm(dim=-1)).pow(2).unsqueeze(-1))"
-             ".squeeze(-1).view(B, HKV, G, LK).sum(2)).sqrt()")
-    return ["    if not noise:",
-            "        return res",
-            "    # where dS is cancellation a correct kernel keeps D's rounding of O (the harness's D-term), per row",
-            "    w = (do_ * (o.to(DTYPE).to(compute) - o)).norm(dim=-1).nan_to_num(0.0, 0.0)",
-            f"    return res, {noise}"]
+LOGIT_TERM_FROM = 2.0**10  # |S| under which fp32 resolves logits 10x finer than fp16 rounds P: the term decides nothing
+
+
+def logit_term_matters(inputs: Inputs) -> bool:
+    """Whether any logit can reach LOGIT_TERM_FROM (Cauchy-Schwarz bound plus the largest additive mask value):
+    below it the harness's logit term never exceeds the scale's other terms (edge on the CPU: no ratio moved by
+    1e-6), and the script stays without it."""
+    bound = (softmax_scale(inputs.case) * float(inputs.q.double().norm(dim=-1).max())
+             * float(inputs.k.double().norm(dim=-1).max()))
+    mask = inputs.mask
+    if mask is not None and mask.dtype != torch.bool:
+        bound += float(mask.double().abs().max())
+    return bound >= LOGIT_TERM_FROM
+
+
+def _row_noise(tensor: str, logit_term: bool) -> list[str]:
+    """The script's share of harness/core/cancellation.py: the per-row noise a correct kernel cannot avoid (the
+    D-term for dQ/dK; the logit term where `logit_term`), the larger of the two."""
+    fold = ".view(B, HKV, G, LK).sum(2)"  # the group's query heads onto their kv head
+    logit = {
+        "out": "(a2.clamp_max(CAP) * p * p * (v_.pow(2).sum(-1).unsqueeze(-2) - 2 * o @ v_.transpose(-1, -2)"
+               " + o.pow(2).sum(-1, keepdim=True)).clamp_min(0)).sum(-1)",
+        "dv": f"(b2 * do_.pow(2).sum(-1, keepdim=True)).sum(-2){fold}",
+        "dq": "SCALE ** 2 * (wl @ k_.pow(2).sum(-1, keepdim=True)).squeeze(-1)",
+        "dk": f"SCALE ** 2 * (wl.transpose(-1, -2) @ q_.pow(2).sum(-1, keepdim=True)).squeeze(-1){fold}",
+    }[tensor]
+    d_term = {"dq": "SCALE * w * (p @ k_).norm(dim=-1)",
+              "dk": "(SCALE ** 2 * ((p * p).transpose(-1, -2) @ (w * q_.norm(dim=-1)).pow(2).unsqueeze(-1))"
+                    f".squeeze(-1){fold}).sqrt()"}.get(tensor)
+    d_lines = ["    # where dS is cancellation a correct kernel keeps D's rounding of O (the harness's D-term), per row",
+               "    w = (do_ * (o.to(DTYPE).to(compute) - o)).norm(dim=-1).nan_to_num(0.0, 0.0)"]
+    if not logit_term:
+        return ["    if not noise:", "        return res", *d_lines, f"    return res, {d_term}"] if d_term else \
+            ["    return res"]
+    lines = ["    if not noise:",
+             "        return res",
+             "    # fp32 logits and log-sum-exp put relative errors of fp32's resolution at |S| on P (two roundings each,",
+             "    # capped at 2^-8): the harness's logit term, per row",
+             "    ulp2 = lambda x: torch.where(x > 0, 2.0 ** (2 * torch.frexp(x)[1] - 48).double(), 0.0) / 6",
+             "    a2 = ulp2(torch.where(p > 0, s.abs(), 0.0))"]
+    if tensor != "out":  # the backward recomputes P = exp(S - LSE): the logit's roundings again, and the LSE's
+        lines += ["    lse = (m + l.log()).nan_to_num(0.0, 0.0, 0.0)",
+                  "    b2 = (a2 + ulp2(lse.abs())).clamp_max(CAP) * p * p",
+                  "    wl = b2 * (do_ @ v_.transpose(-1, -2) - (do_ * o).sum(-1, keepdim=True)).pow(2)"]
+    lines.append(f"    logit = ({logit}).clamp_min(0).sqrt()")
+    if d_term is None:
+        return [*lines, "    return res, logit"]
+    return [*lines, *d_lines, f"    return res, torch.maximum({d_term}, logit)"]
 
 
 def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
@@ -226,6 +267,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         rows = "torch.tensor(ROWS)" if rows_keep else "torch.arange(LQ)"  # a long case: its sampled rows only
         keep = f"torch.arange(LK)[None, :] <= {rows}[:, None] + {offset}  # causal ({case.causal})"
     hashes = inputs.hashes()
+    logit_term = logit_term_matters(inputs)
     lines = [
         "#!/usr/bin/env python3",
         f'"""{header}',
@@ -243,6 +285,8 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         f"SCALE = {softmax_scale(case)!r}",
         f"FACTORS = {rules!r}  # level: (factor, min elements per unit), from harness/tolerances.toml",
         f"MAG = {magnitude(inputs, tensor)!r}  # fp32 noise where {tensor} is truly 0, per unit roundoff (the harness's)",
+        *([f"CAP = {LOGIT_CAP**2!r}  # the logit term's relative P variance at most (2^-8)^2 (the harness's)"]
+          if logit_term else []),
         f"HASHES = {hashes!r}",
         *_row_sample(case),
         *make,
@@ -271,7 +315,7 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         *(["off_sample = got[:, :, OFF_GRAD] if T == 'dq' else None",
            "got = got[:, :, ROWS] if T in ('out', 'dq') else got  # the rows the reference computes"] if case.long else []),
         "",
-        f"def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False{', noise=False' if tensor in ('dq', 'dk') else ''}):",
+        "def attention(compute, lowp=False, rp=False, rds=False, ro=False, rh=False, noise=False):",
         "    \"\"\"fp64 and no rounding: the truth. fp32 with roundings: a correct bf16/fp16 kernel (rp: P before",
         "    P·V and P^T·dO; rds: dS before its GEMMs; ro: O as stored in D = rowsum(dO*O); rh: per-head dK/dV).\"\"\"",
         "    r = lambda t, on=True: t.to(DTYPE).to(compute) if lowp and on else t",
@@ -293,9 +337,10 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "    dk = r(r(ds, rds).transpose(-1, -2) @ q_ * SCALE, rh).view(B, HKV, G, LK, D).sum(2)",
         "    dv = r(r(p, rp).transpose(-1, -2) @ do_, rh).view(B, HKV, G, LK, DV).sum(2)",
         "    res = {'out': r(o), 'dq': r(r(ds, rds) @ k_ * SCALE), 'dk': r(dk), 'dv': r(dv)}[T].double()",
-        *(_d_term(tensor) if tensor in ("dq", "dk") else ["    return res"]),
+        *_row_noise(tensor, logit_term),
         "",
-        "truth, noise = attention(torch.float64, noise=True)" if tensor in ("dq", "dk") else "truth, noise = attention(torch.float64), None",
+        ("truth, noise = attention(torch.float64, noise=True)" if tensor in ("dq", "dk") or logit_term
+         else "truth, noise = attention(torch.float64), None"),
         "designs = [dict(rp=1, rds=1, ro=1), dict(rp=1, rds=1, ro=1, rh=1), dict(ro=1), dict(rp=1, rds=1)]",
         "lowprec = [attention(torch.float32, True, **d) for d in designs]",
         "sq = lambda t: t.pow(2).sum(-1)  # per row",
