@@ -54,3 +54,37 @@ def test_every_reproduce_command_a_report_prints_reproduces_the_failure(tmp_path
     assert len(commands) == 2 and all(c.startswith("gqa-harness run ") for c in commands)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 1, command
+
+
+def _five_percent_high(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False):
+    return wrong_kernels.math_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) * 1.05
+
+
+def test_a_slice_table_past_the_limit_keeps_its_shape_its_worst_slices_and_the_failing_head_count(monkeypatch):
+    """Regression n15 (B·H > 65,535) wrote ~300 MB of per-slice tables: past SLICE_TABLE_MAX a report keeps the
+    table's shape and its worst slices, lists FAILING_HEADS_MAX failing slices and counts the rest."""
+    from harness.core import metrics, results
+    from harness.reports.explain import tensor_line
+
+    monkeypatch.setattr(metrics, "SLICE_TABLE_MAX", 4)
+    monkeypatch.setattr(results, "FAILING_HEADS_MAX", 3)
+    verdict = judge(Case(batch=2, q_heads=8, kv_heads=2, q_len=16, kv_len=16, head_dim=32),
+                    _five_percent_high).tensors["out"]
+    out = verdict.to_dict()
+    assert out["status"] == "FAIL" and len(verdict.failing_heads) == 16  # every (batch, head) slice fails
+    kept = out["metrics"]
+    assert kept["slice_ratio"] == [] and kept["slice_shape"] == [2, 8]
+    ratios = [r for _, _, r in kept["worst_slices"]]
+    assert len(ratios) == 16 and ratios == sorted(ratios, reverse=True)
+    assert ratios[0] == round(float(verdict.metrics.levels["slice"].ratio.max()), 4)
+    assert len(out["failing_heads"]) == 3 and out["failing_heads_total"] == 16
+    assert "all 8 q-heads of all 2 batches" in tensor_line("out", out)
+
+
+def test_a_capped_failing_head_list_says_how_many_slices_fail_in_all():
+    from harness.reports.explain import failing_heads_text
+
+    tensor = {"failing_heads": [[0, 0], [0, 1]], "failing_heads_total": 5000,
+              "metrics": {"slice_ratio": [], "slice_shape": [100, 64]}}
+    assert failing_heads_text(tensor, "dq") == "q-heads 0-1; 5,000 slices in all"

@@ -24,6 +24,9 @@ from .inputs import Inputs, torch_dtype
 from .oracle import softmax_scale
 
 LEVELS = ("tensor", "slice", "row")
+# A report keeps the whole (batch, head) table up to this many slices: past it (regression n15's million
+# slices: ~300 MB of JSON) it keeps the shape and the worst slices, and the verdict's failing heads are capped.
+SLICE_TABLE_MAX = 131_072  # edge's B·H = 65,540 case keeps its whole table: its bug is in the slices past 65,535
 # Tensors below this many elements are measured on one thread: an OpenMP fork/join per small op costs more
 # than it gains, and far more on a loaded machine (smoke's yardsticks: 1.07 s CPU per case at 2 threads,
 # 0.04 s at 1; docs/benchmarks-calibration.md). Elementwise ops and per-row sums give the same bits; a mean
@@ -116,9 +119,11 @@ class TensorMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         slice_ratio = self.levels["slice"].ratio
+        bounded = slice_ratio.numel() > SLICE_TABLE_MAX
         return {
             "levels": {name: self.summary(name) for name in LEVELS},
-            "slice_ratio": slice_table(slice_ratio),
+            "slice_ratio": [] if bounded else slice_table(slice_ratio),
+            **({"slice_shape": list(slice_ratio.shape), "worst_slices": worst_slices(slice_ratio)} if bounded else {}),
             "nan": self.nan_count, "inf": self.inf_count,
             "nonfinite_where_oracle_finite": self.nonfinite_where_oracle_finite,
             "oracle_nonfinite": self.oracle_nonfinite,
@@ -129,6 +134,16 @@ class TensorMetrics:
             },
             "nonfinite_where": self.nonfinite_where,
         }
+
+
+def worst_slices(ratio: torch.Tensor, count: int = 32) -> list[list[Any]]:
+    """The `count` largest (batch, head) ratios as [b, h, ratio], worst first (a non-finite ratio first, as None):
+    what a report keeps of a slice table too large to write whole."""
+    flat = torch.nan_to_num(ratio.double().reshape(-1), nan=math.inf)
+    top = torch.topk(flat, min(count, flat.numel()))
+    heads = ratio.shape[-1]
+    return [[i // heads, i % heads, round(x, 4) if math.isfinite(x) else None]
+            for i, x in zip(top.indices.tolist(), top.values.tolist())]
 
 
 def slice_table(ratio: torch.Tensor) -> list[list[float]]:

@@ -14,6 +14,7 @@ import torch
 from .metrics import TensorMetrics
 
 TENSORS = ("out", "dq", "dk", "dv")
+FAILING_HEADS_MAX = 4096  # a report lists this many failing (batch, head) slices, then their count
 
 
 class Status(str, Enum):
@@ -52,7 +53,8 @@ class TensorVerdict:
         return {
             "status": str(self.status), "rule": self.rule, "reason": self.reason, "severity": self.severity,
             "excess": self.excess if math.isfinite(self.excess) else None, "known_entry": self.known_entry,
-            "failing_heads": [list(h) for h in self.failing_heads],
+            "failing_heads": [list(h) for h in self.failing_heads[:FAILING_HEADS_MAX]],
+            **({"failing_heads_total": len(self.failing_heads)} if len(self.failing_heads) > FAILING_HEADS_MAX else {}),
             "metrics": self.metrics.to_dict() if self.metrics is not None else None,
         }
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .explain import cell, heads_text, nonfinite_text, reproduce_command, slice_shape
+from .explain import cell, failing_heads_text, nonfinite_text, reproduce_command
 
 BACKENDS = {"MATH": "math", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn"}
 JUDGED_LEVELS = ("tensor", "slice", "row")
@@ -127,7 +127,7 @@ def _row(report: dict[str, Any], f: Failure) -> list[str]:
     rule = f.verdict.get("rule", "")
     return [f.tensor, f.result["impl"], rule, _fmt(lv.get("ratio")), _factor(report, f.result["case_id"], rule),
             _rel(lv, "err"), _rel(lv, "floor"), _rel(lv, "lowprec"), _fmt(lv.get("err"), ".2e"), _worst(f.verdict),
-            heads_text(f.verdict.get("failing_heads") or [], f.tensor, slice_shape(f.verdict))]
+            failing_heads_text(f.verdict, f.tensor)]
 
 
 def _merged(rows: list[list[str]]) -> list[list[str]]:

@@ -42,8 +42,21 @@ def heads_text(heads: list[list[int]] | tuple[tuple[int, int], ...], tensor: str
 
 
 def slice_shape(tensor: dict[str, Any]) -> tuple[int, int] | None:
-    rows = ((tensor.get("metrics") or {}).get("slice_ratio")) or None
+    metrics = tensor.get("metrics") or {}
+    if metrics.get("slice_shape"):  # a table too large to keep whole (metrics.SLICE_TABLE_MAX)
+        return tuple(metrics["slice_shape"])
+    rows = metrics.get("slice_ratio") or None
     return (len(rows), len(rows[0])) if rows and rows[0] else None
+
+
+def failing_heads_text(tensor: dict[str, Any], name: str) -> str:
+    """heads_text of a verdict's failing slices, with the count where the report lists only the first ones."""
+    heads, shape = tensor.get("failing_heads") or [], slice_shape(tensor)
+    total = tensor.get("failing_heads_total", len(heads))
+    if shape is not None and total == shape[0] * shape[1] > len(heads):
+        return f"all {shape[1]} {head_kind(name)}s of all {shape[0]} batches"
+    text = heads_text(heads, name, shape)
+    return text + (f"; {total:,} slices in all" if total > len(heads) else "")
 
 
 def nonfinite_text(name: str, tensor: dict[str, Any]) -> str:
@@ -77,7 +90,7 @@ GUARD_RULES = {"oob-read": "an out-of-bounds read", "oob-write": "an out-of-boun
 
 def tensor_line(name: str, tensor: dict[str, Any]) -> str:
     severity = f" {tensor['severity']}" if tensor.get("severity") else ""
-    heads = heads_text(tensor.get("failing_heads") or [], name, slice_shape(tensor))
+    heads = failing_heads_text(tensor, name)
     rule = tensor.get("rule") or "-"
     where = (f"by rule {rule} ({GUARD_RULES[rule]}, caught by guard bands)" if rule in GUARD_RULES
              else f"at {rule} level")
