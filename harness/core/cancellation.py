@@ -146,9 +146,13 @@ def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
 
 
 def row_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The per-row noise of every tensor the yardstick takes: out and dV the logit term, dQ and dK the larger
-    of the D-term and the logit term (`row_terms`: shapes and `rows`)."""
-    t = row_terms(inputs, oracle_out, rows)
+    """The per-row noise of every tensor the yardstick takes (`row_terms`: shapes and `rows`)."""
+    return combined(row_terms(inputs, oracle_out, rows))
+
+
+def combined(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`row_terms` as the yardstick takes them: out and dV the logit term, dQ and dK the larger of the D-term and
+    the logit term."""
     noise = {"out": t["logit_out"]}
     if "d_dq" in t:
         noise |= {"dq": torch.maximum(t["d_dq"], t["logit_dq"]), "dk": torch.maximum(t["d_dk"], t["logit_dk"]),

@@ -32,7 +32,7 @@ import sys
 import torch
 
 import harness.core.references as core_refs
-from harness.core.cancellation import row_noise, row_terms
+from harness.core.cancellation import combined, row_terms
 from harness.core.case import parse_case_spec
 from harness.core.metrics import tensor_metrics, yardstick
 from harness.core.oracle import causal_keep_at, softmax_scale
@@ -184,7 +184,7 @@ def proposed_noise(inputs, oracle_out):
     """The proposal (+all) as per-row noise for every tensor: out and dV the core's logit term; dQ and dK the
     larger of the D-term and sqrt(Dpv^2 + dS^2 + logit^2). fp32 cases: the core's noise (D-term, logit term)."""
     terms = row_terms(inputs, oracle_out)
-    core = row_noise(inputs, oracle_out)
+    core = combined(terms)
     if "dq" not in core or inputs.q.dtype == torch.float32:
         return core
     dsn = ds_rounding_noise(inputs, oracle_out)

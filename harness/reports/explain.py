@@ -25,20 +25,23 @@ def head_kind(tensor: str) -> str:
 
 
 def heads_text(heads: list[list[int]] | tuple[tuple[int, int], ...], tensor: str,
-               shape: tuple[int, int] | None = None) -> str:
+               shape: tuple[int, int] | None = None, total: int | None = None) -> str:
     """Failing (batch, head) slices named by kind: 'all 16 q-heads', or 'kv-heads 0-1, 3 (b0); 2 (b1)'.
-    `shape` = (batches, heads) of the tensor, when known, tells 'all' from 'some'."""
+    `shape` = (batches, heads) of the tensor, when known, tells 'all' from 'some'; `total`: how many fail where
+    `heads` lists only the first of them (a report's failing_heads_total)."""
     if not heads:
         return "—"
     kind = head_kind(tensor)
-    if shape is not None and len({tuple(h) for h in heads}) == shape[0] * shape[1]:
+    count = total if total is not None else len({tuple(h) for h in heads})
+    if shape is not None and count == shape[0] * shape[1]:
         return f"all {shape[1]} {kind}s" + (f" of all {shape[0]} batches" if shape[0] > 1 else "")
     by_batch: dict[int, list[int]] = {}
     for b, h in heads:
         by_batch.setdefault(b, []).append(h)
     parts = [ranges(hs) + (f" (b{b})" if len(by_batch) > 1 or b else "") for b, hs in sorted(by_batch.items())]
     more = f"; … in {len(parts)} batches" if len(parts) > MAX_BATCHES else ""
-    return f"{kind}s " + "; ".join(parts[:MAX_BATCHES]) + more
+    listed = f"; {total:,} slices in all" if total is not None and total > len(heads) else ""
+    return f"{kind}s " + "; ".join(parts[:MAX_BATCHES]) + more + listed
 
 
 def slice_shape(tensor: dict[str, Any]) -> tuple[int, int] | None:
@@ -50,13 +53,8 @@ def slice_shape(tensor: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def failing_heads_text(tensor: dict[str, Any], name: str) -> str:
-    """heads_text of a verdict's failing slices, with the count where the report lists only the first ones."""
-    heads, shape = tensor.get("failing_heads") or [], slice_shape(tensor)
-    total = tensor.get("failing_heads_total", len(heads))
-    if shape is not None and total == shape[0] * shape[1] > len(heads):
-        return f"all {shape[1]} {head_kind(name)}s of all {shape[0]} batches"
-    text = heads_text(heads, name, shape)
-    return text + (f"; {total:,} slices in all" if total > len(heads) else "")
+    """heads_text of a report's verdict (its failing slices, the tensor's shape, the count past the listed ones)."""
+    return heads_text(tensor.get("failing_heads") or [], name, slice_shape(tensor), tensor.get("failing_heads_total"))
 
 
 def nonfinite_text(name: str, tensor: dict[str, Any]) -> str:
