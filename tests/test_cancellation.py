@@ -110,3 +110,60 @@ def test_the_logit_term_on_sampled_rows_is_the_full_terms_rows():
 def test_a_forward_only_case_gets_the_logit_term_for_out_alone():
     refs = cached_references(parse_case_spec("b=1,hq=2,hkv=1,lq=8,lk=8,d=16,grads=False"))
     assert set(refs.row_noise) == {"out"}
+
+
+def _dense_group_sum_term(inputs) -> dict[str, torch.Tensor]:
+    """The group-sum term from fp64 autograd on K/V expanded by hand (each query head's dK/dV is then the gradient
+    of its own copy), independent of the blocked core loop."""
+    case = inputs.case
+    g = case.group_size
+    k, v = (t.double().repeat_interleave(g, 1).requires_grad_() for t in (inputs.k, inputs.v))
+    mask = torch.zeros(case.q_len, case.kv_len, dtype=torch.float64)
+    if case.causal == "top-left":
+        mask = mask.masked_fill(~torch.ones(case.q_len, case.kv_len, dtype=torch.bool).tril(), float("-inf"))
+    if inputs.mask is not None:
+        m = inputs.mask
+        mask = mask.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else mask + m.double()
+    out = torch.nn.functional.scaled_dot_product_attention(inputs.q.double(), k, v, attn_mask=mask)
+    out.backward(inputs.grad_out.double())
+    bits = {torch.bfloat16: 8, torch.float16: 11}[inputs.q.dtype]
+    tiniest = 2.0**-24 if inputs.q.dtype == torch.float16 else 0.0  # fp16's subnormal spacing
+    ulp = lambda x: torch.where(x > 0, (2.0 ** (torch.frexp(x)[1] - bits).double()).clamp_min(tiniest), 0.0)  # noqa: E731
+    fold = lambda t: (ulp(t.abs()) ** 2 / 12).sum(-1).view(case.batch, case.kv_heads, g, -1).sum(2).sqrt()  # noqa: E731
+    return {"head_dk": fold(k.grad), "head_dv": fold(v.grad)}
+
+
+@pytest.mark.parametrize("spec", [
+    "b=2,hq=4,hkv=2,lq=40,lk=40,d=64,dtype=fp16,values=negative-lse,s=10003",
+    "b=1,hq=6,hkv=2,lq=17,lk=29,d=32,dv=16,dtype=bf16,causal=top-left,mask=additive,mask_per_head=True",
+])
+def test_the_group_sum_term_equals_fp64_autograd_on_hand_expanded_kv(spec):
+    refs = cached_references(parse_case_spec(spec))
+    terms, dense = row_terms(refs.inputs, refs.oracle["out"]), _dense_group_sum_term(refs.inputs)
+    for name, want in dense.items():
+        assert float(want.max()) > 0, name
+        torch.testing.assert_close(terms[name], want, rtol=1e-9, atol=0, msg=name)
+
+
+def test_the_group_sum_term_is_zero_without_a_group():
+    refs = cached_references(parse_case_spec("b=2,hq=4,hkv=4,lq=40,lk=40,d=64,dtype=bf16,values=negative-lse"))
+    terms = row_terms(refs.inputs, refs.oracle["out"])
+    assert float(terms["head_dk"].abs().max()) == 0 and float(terms["head_dv"].abs().max()) == 0
+
+
+def test_a_design_that_rounds_each_heads_dk_passes_where_the_heads_cancel_only_with_the_group_sum_term():
+    # the false-alarm audit's worst such row (negative LSE, G = 2): the per-head design judged against the others
+    refs = cached_references(parse_case_spec("b=2,hq=4,hkv=2,lq=40,lk=40,d=64,dtype=fp16,values=negative-lse,s=10003"))
+    per_head = attention(refs.inputs, torch.float32, Rounding(
+        dtype=torch.float16, p_before_pv=True, p_before_dv=True, ds_before_gemm=True, o_as_stored=True,
+        per_head_dkdv=True)).dk
+    others = [t for i, t in enumerate(refs.lowprec["dk"]) if i != 1]  # leave the per-head design out
+    terms = row_terms(refs.inputs, refs.oracle["out"])
+    without = torch.maximum(terms["d_dk"], terms["logit_dk"])
+
+    def status(noise):
+        m = tensor_metrics("dk", per_head, refs.oracle["dk"], others, refs.inputs, noise)
+        return judge_metrics(m, "fp16", load_tolerances()).status
+
+    assert status(without) is Status.FAIL
+    assert status(refs.row_noise["dk"]) is Status.PASS

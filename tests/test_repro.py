@@ -117,6 +117,7 @@ def test_nothing_to_reproduce_and_unknown_implementations_are_refused(tmp_path):
 
 LONG = "b=1,hq=4,hkv=2,lq=1536,d=64,causal=top-left,long=True"
 M65504 = "b=2,hq=2,hkv=2,lq=9,lk=9,d=64,dtype=fp16,mask=fully-masked-rows,mask_fill=-65504,values=large-logits"
+NEG_LSE_GQA = "b=2,hq=4,hkv=2,lq=40,lk=40,d=64,dtype=fp16,values=negative-lse,s=10003"
 M65504_CAUSAL = "b=3,hq=2,hkv=1,lq=63,lk=63,d=64,dtype=fp16,causal=top-left,mask=fully-masked-rows,mask_fill=-65504"
 
 
@@ -138,6 +139,8 @@ def test_a_long_case_script_computes_only_its_sampled_rows_and_a_correct_kernel_
     (LONG, "dq"),  # grad_out zero off the sample: the eps term's magnitude is that of the sampled rows
     # rows whose every logit carries -65504: the logit term sets the scale (math's dV tensor ratio 0.97 -> 0.15)
     (M65504, "dv"), (M65504_CAUSAL, "out"), (M65504_CAUSAL, "dk"),
+    # heads whose dK/dV cancel in the group sum: the group-sum term sets the row scale (fp16: its subnormal spacing)
+    (NEG_LSE_GQA, "dk"), (NEG_LSE_GQA, "dv"),
 ])
 def test_the_script_scales_errors_as_the_harness_does_at_every_level(tmp_path, spec, tensor):
     """The script's error / scale is the harness's, level by level (its eps magnitude, D-term and logit term

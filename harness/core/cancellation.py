@@ -26,6 +26,15 @@ with g_ij = dP_ij - D_i. σ_f and σ_b are capped at 2^-8, so that a row which l
 (edge, smoke and the calibration on the CPU: no scale changed); a textbook fp32 FlashAttention-2 needs it on
 the -65504 rows (docs/benchmarks-calibration.md, "Near-threshold families"). dQ and dK take the larger of
 the two terms.
+
+The group-sum term (dK, dV; GQA only). A kernel that takes K/V per query head (FlashAttention-2's GQA
+backward, `dk_expanded` in the dtype; every path that expands K/V by hand) rounds each head's dK_h and dV_h to
+the dtype and then sums the group. Where the heads' dK cancel (negative LSE) those roundings are the whole
+error, and the flash-per-head-dkdv design's envelope holds one realisation of them. Per key row, in quadrature:
+    head_dk_j : sqrt(Σ_h Σ_c ulp(dK_hjc)² / 12)      head_dv_j : the same over dV_h
+(0 for G = 1, whose one rounding is the dtype floor). It needs every row's dS for a key, so it runs over key
+blocks after the row loop, with P recomputed from the log-sum-exp (docs/benchmarks-calibration.md, "The
+group-sum term").
 """
 
 from __future__ import annotations
@@ -43,9 +52,14 @@ _ROUNDINGS = 2 / 12  # two roundings, each of variance ulp²/12
 _EXPONENT = 0x7FF0000000000000  # an fp64's exponent bits: 2^floor(log2 |x|)
 
 
-def ulp32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ulp of |x| (x >= 0, fp64, finite), 0 where x is 0: 2^floor(log2 x) · 2^-23, from the exponent bits."""
-    return (x.view(torch.int64) & _EXPONENT).view(torch.float64).mul_(2.0**-23)
+SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ulp of x in `dtype` (x >= 0, fp64, finite), 0 where x is 0: 2^floor(log2 x) · 2^(1 - bits), from the
+    exponent bits; fp16's subnormal spacing 2^-24 below 2^-14."""
+    u = (x.view(torch.int64) & _EXPONENT).view(torch.float64).mul_(2.0 ** (1 - SIGNIFICAND_BITS[dtype]))
+    return torch.where(x > 0, u.clamp_min_(2.0**-24), u) if dtype == torch.float16 else u
 
 
 def _stacked(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -62,7 +76,7 @@ def _by_key(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Each term apart, per row, in the tensors' units: "logit_out" (B, Hq, Lq), and for a case with gradients
-    "d_dq", "logit_dq" (B, Hq, Lq), "d_dk", "logit_dk", "logit_dv" (B, Hkv, Lk). `rows`: the query rows
+    "d_dq", "logit_dq" (B, Hq, Lq), "d_dk", "logit_dk", "logit_dv", "head_dk", "head_dv" (B, Hkv, Lk). `rows`: the query rows
     `oracle_out` holds (a long case's); out and dQ are then those rows', and dK/dV exact as long as grad_out
     is zero on every other row (their weight is zero)."""
     case = inputs.case
@@ -90,17 +104,13 @@ def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
         k2 = k.pow(2).sum(-1, keepdim=True)  # (B, Hkv, Lk, 1)
         do2 = do.pow(2).sum(-1)
         delta = (do * o).sum(-1, keepdim=True)
-    mask = inputs.mask
-    if mask is not None:
-        mask = mask if rows is None or mask.shape[2] == 1 else mask.index_select(2, rows)
-        per_head = mask.shape[1] != 1
-        mask = mask.view(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], lk)
-        mask = mask if mask.dtype == torch.bool else mask.double()
+    logits = functools.partial(_logits, inputs, q, k, positions, rows)
     f64 = {"dtype": torch.float64}
     out2 = torch.zeros(b, hkv, g, lq, **f64)
     if grads:
         d_dq, logit_dq2 = torch.zeros(b, hkv, g, lq, **f64), torch.zeros(b, hkv, g, lq, **f64)
         d_dk2, logit_dk2, logit_dv2 = (torch.zeros(b, hkv, lk, **f64) for _ in range(3))
+        lse_rows = torch.empty(b, hkv, g, lq, **f64)
     # about six (rows x Lk) fp64 temporaries live at once: a block is a sixth of CHUNK_BYTES
     step = max(1, min(lq, CHUNK_BYTES // (48 * b * hq * lk)))
     for r0 in range(0, lq, step):
@@ -108,17 +118,11 @@ def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
         n = r1 - r0
         stacked = functools.partial(_stacked, r0=r0, r1=r1)
 
-        s = torch.matmul(stacked(q), k.transpose(-1, -2)).mul_(scale).view(b, hkv, g, n, lk)
-        if mask is not None:
-            mc = mask if mask.shape[3] == 1 else mask[..., r0:r1, :]
-            s = s.masked_fill(~mc, float("-inf")) if mc.dtype == torch.bool else s + mc
-        keep = causal_keep_at(case, positions[r0:r1])
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
+        s = logits(slice(r0, r1), slice(0, lk))
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # rows that see no key are zero
         p2 = p * p
         # the logit term; masked keys (|S| = inf) carry P = 0
-        var_s = ulp32(torch.where(p > 0, s.abs(), 0.0)).square_().mul_(_ROUNDINGS)
+        var_s = ulp(torch.where(p > 0, s.abs(), 0.0)).square_().mul_(_ROUNDINGS)
         vo2 = torch.matmul(stacked(o), v.transpose(-1, -2)).mul_(-2).view(b, hkv, g, n, lk)
         vo2.add_(v2).add_(o[:, :, :, r0:r1].pow(2).sum(-1, keepdim=True)).clamp_min_(0)  # |v_j - O_i|²
         out2[..., r0:r1] = (var_s.clamp_max(LOGIT_CAP**2).mul_(p2).mul_(vo2)).sum(-1)
@@ -131,18 +135,77 @@ def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
         d_dk2 += scale**2 * _by_key(p2, dw.square() * qnorm2[..., r0:r1])
         lse = torch.logsumexp(s, -1, keepdim=True)
         del s
-        var_l = ulp32(torch.nan_to_num(lse.abs(), posinf=0.0)).square_().mul_(_ROUNDINGS)
+        var_l = ulp(torch.nan_to_num(lse.abs(), posinf=0.0)).square_().mul_(_ROUNDINGS)
         wb = var_s.add_(var_l).clamp_max_(LOGIT_CAP**2).mul_(p2)  # P² var(r_ij)
         logit_dv2 += _by_key(wb, do2[..., r0:r1])
         gap = torch.matmul(stacked(do), v.transpose(-1, -2)).view(b, hkv, g, n, lk).sub_(delta[..., r0:r1, :])
         wl = wb.mul_(gap.square_())
         logit_dq2[..., r0:r1] = scale**2 * torch.matmul(wl.reshape(b, hkv, g * n, lk), k2).view(b, hkv, g, n)
         logit_dk2 += scale**2 * _by_key(wl, qnorm2[..., r0:r1])
+        lse_rows[..., r0:r1] = lse[..., 0]
     terms = {"logit_out": out2.sqrt().view(b, hq, lq)}
     if grads:
         terms |= {"d_dq": d_dq.view(b, hq, lq), "logit_dq": logit_dq2.sqrt().view(b, hq, lq),
                   "d_dk": d_dk2.sqrt(), "logit_dk": logit_dk2.sqrt(), "logit_dv": logit_dv2.sqrt()}
+        terms |= _group_sum_terms(inputs, logits, q, v, do, delta[..., 0], lse_rows)
     return terms
+
+
+def _logits(inputs: Inputs, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None,
+            rs: slice, ks: slice) -> torch.Tensor:
+    """fp64 logits (B, Hkv, G, n, m) of query rows `rs` (of q, (B, Hkv, G, Lq, D)) and keys `ks`, masked ones -inf
+    (a bool mask's False and causal) or with the additive mask added."""
+    case = inputs.case
+    b, hkv, g = q.shape[:3]
+    s = torch.matmul(_stacked(q, rs.start, rs.stop), k[:, :, ks].transpose(-1, -2)).mul_(softmax_scale(case))
+    s = s.view(b, hkv, g, rs.stop - rs.start, -1)
+    mask = inputs.mask
+    if mask is not None:
+        if rows is not None and mask.shape[2] != 1:
+            mask = mask.index_select(2, rows[rs])
+        elif mask.shape[2] != 1:
+            mask = mask[:, :, rs]
+        per_head = mask.shape[1] != 1
+        mask = mask[..., ks].reshape(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], -1)
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask.double())
+    keep = causal_keep_at(inputs.case, positions[rs])
+    if keep is not None:
+        s = s.masked_fill(~keep[:, ks], float("-inf"))
+    return s
+
+
+def _group_sum_terms(inputs: Inputs, logits, q: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                     delta: torch.Tensor, lse: torch.Tensor) -> dict[str, torch.Tensor]:
+    """"head_dk", "head_dv" (B, Hkv, Lk): the rounding of each query head's dK and dV to the dtype before the group
+    sum (the module's docstring). Over key blocks, each head's dK/dV block summed over every row chunk in fp64."""
+    case = inputs.case
+    b, hkv, g, lq = q.shape[:4]
+    lk, d, dv = case.kv_len, case.head_dim, case.value_dim
+    f64 = {"dtype": torch.float64}
+    head_dk2, head_dv2 = torch.zeros(b, hkv, lk, **f64), torch.zeros(b, hkv, lk, **f64)
+    if g == 1:
+        return {"head_dk": head_dk2, "head_dv": head_dv2}
+    dtype, scale = inputs.q.dtype, softmax_scale(case)
+    # a key block's accumulators take half of CHUNK_BYTES, a (rows x keys) block's temporaries (about four) the rest
+    kstep = max(1, min(lk, CHUNK_BYTES // (16 * b * hkv * g * (d + dv))))
+    rstep = max(1, min(lq, CHUNK_BYTES // (64 * b * hkv * g * kstep)))
+    dead = torch.isneginf(lse)[..., None]  # rows that see no key: P = 0
+    lse = lse.masked_fill(dead[..., 0], 0.0)[..., None]
+    for k0 in range(0, lk, kstep):
+        ks = slice(k0, min(lk, k0 + kstep))
+        dk_h = torch.zeros(b, hkv, g, ks.stop - k0, d, **f64)
+        dv_h = torch.zeros(b, hkv, g, ks.stop - k0, dv, **f64)
+        for r0 in range(0, lq, rstep):
+            rs = slice(r0, min(lq, r0 + rstep))
+            p = logits(rs, ks).sub_(lse[..., rs, :]).exp_().masked_fill_(dead[..., rs, :], 0.0)
+            n = rs.stop - r0
+            dp = torch.matmul(_stacked(do, r0, rs.stop), v[:, :, ks].transpose(-1, -2)).view(b, hkv, g, n, -1)
+            ds = dp.sub_(delta[..., rs, None]).mul_(p)
+            dk_h += torch.matmul(ds.transpose(-1, -2), q[..., rs, :]).mul_(scale)
+            dv_h += torch.matmul(p.transpose(-1, -2), do[..., rs, :])
+        head_dk2[..., ks] = ulp(dk_h.abs_(), dtype).square_().sum(-1).sum(2).div_(12)
+        head_dv2[..., ks] = ulp(dv_h.abs_(), dtype).square_().sum(-1).sum(2).div_(12)
+    return {"head_dk": head_dk2.sqrt_(), "head_dv": head_dv2.sqrt_()}
 
 
 def row_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -151,10 +214,11 @@ def row_noise(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
 
 
 def combined(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`row_terms` as the yardstick takes them: out and dV the logit term, dQ and dK the larger of the D-term and
-    the logit term."""
+    """`row_terms` as the yardstick takes them: out the logit term; dQ the larger of the D-term and the logit
+    term; dK that, and dV the logit term, each with the group-sum term in quadrature."""
     noise = {"out": t["logit_out"]}
     if "d_dq" in t:
-        noise |= {"dq": torch.maximum(t["d_dq"], t["logit_dq"]), "dk": torch.maximum(t["d_dk"], t["logit_dk"]),
-                  "dv": t["logit_dv"]}
+        dk = torch.maximum(t["d_dk"], t["logit_dk"])
+        noise |= {"dq": torch.maximum(t["d_dq"], t["logit_dq"]), "dk": torch.hypot(dk, t["head_dk"]),
+                  "dv": torch.hypot(t["logit_dv"], t["head_dv"])}
     return noise

@@ -1,6 +1,6 @@
 """Near-threshold families (-65504 rows, negative LSE): reference kernels against the yardstick before and
-after the logit term (in the core since it left the prototype: harness/core/cancellation.py), and against the
-coherent and per-head allowances still in proposal here (the harness's verdict is not changed by them).
+after the logit and group-sum terms (in the core since they left the prototype: harness/core/cancellation.py), and
+against the coherent allowances still in proposal here (the harness's verdict is not changed by them).
 
     python -m harness.lab.nearthreshold [--seeds N] [--family c1|c2|control|all]
     python -m harness.lab.nearthreshold cli calibrate --device cpu --seeds 1   # any command, proposal installed
@@ -10,13 +10,13 @@ Prints, per case and implementation, the largest error / scale at the tensor / s
 tensor, under
   now   — the yardstick before the logit term (floor, low-precision designs, epsilon term, D-term);
   +lse  — the core as committed: plus the logit-rounding term (cancellation.row_terms: relative P errors of the RMS
-          of fp32 roundings at the logits' and the log-sum-exp's own magnitude, capped at 2^-8);
+          of fp32 roundings at the logits' and the log-sum-exp's own magnitude, capped at 2^-8), and on dK/dV the
+          group-sum term (each query head's dK/dV rounded to the dtype before the group sum);
   +Dpv  — +lse, and the D-term's O error taken as O's final rounding plus the rounding of P~ before P~V
           (dterm_pv), the larger of the two D-terms;
   +all  — for dQ/dK: the larger of the D-term as committed and sqrt(Dpv^2 + dS^2 + lse^2), where dS is the
           coherent part of dS's rounding (each dS element rounded once to the dtype, RMS ulp/sqrt(12), along the
-          mean key / mean query); out and dV as +lse; then dK and dV with the per-head rounding term added in
-          quadrature (per_head_rounding_noise; GQA_NEARTHRESHOLD_PER_HEAD=0 leaves it out).
+          mean key / mean query), dK's with the group-sum term in quadrature; out and dV as +lse.
 See docs/benchmarks-calibration.md, "Near-threshold families: -65504 rows and negative LSE".
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import os
 import runpy
 import sys
 
@@ -42,8 +41,6 @@ from harness.implementations.user import implementation_from_callable
 from harness.run.execute import run_implementation
 
 from . import refkernels
-
-PER_HEAD = os.environ.get("GQA_NEARTHRESHOLD_PER_HEAD", "1") == "1"  # the per-head dK/dV term (=0: without it)
 
 FAMILIES = {
     "c1": [
@@ -115,29 +112,6 @@ def ds_rounding_noise(inputs, oracle_out):
     return {"dq": dq, "dk": dk}
 
 
-def per_head_rounding_noise(inputs, oracle_out):
-    """Per key row (B, Hkv, Lk): the noise of rounding each query head's dK and dV to the dtype before an fp32
-    group sum (the flash-per-head-dkdv design), sqrt(sum_h sum_c ulp(X_hjc)^2 / 12): where the heads' dK cancel
-    (negative LSE) the summands' rounding is the whole error and the design's envelope one realisation of it
-    (docs/reliability.md, ill-conditioned inputs). Zero for G = 1 (one rounding: the floor)."""
-    case = inputs.case
-    b, hkv, g, lk = case.batch, case.kv_heads, case.group_size, case.kv_len
-    if g == 1:
-        z = torch.zeros(b, hkv, lk, dtype=torch.float64)
-        return {"dk": z, "dv": z}
-    scale = softmax_scale(case)
-    q, _, v, do, _, p = _dense(inputs)
-    o = oracle_out.double()
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
-    dk_h = scale * torch.matmul(ds.transpose(-1, -2), q)  # (B, Hq, Lk, D): each query head's dK
-    dv_h = torch.matmul(p.transpose(-1, -2), do)
-    noise = {}
-    for name, t in (("dk", dk_h), ("dv", dv_h)):
-        var = _ulp_dtype(t.abs(), inputs.q.dtype) ** 2 / 12
-        noise[name] = var.sum(-1).view(b, hkv, g, lk).sum(2).sqrt()
-    return noise
-
-
 def _dense(inputs):
     """fp64 (q, k, v, dO, logits, P) with K/V expanded over the group; masked logits -inf, dead rows P = 0."""
     case = inputs.case
@@ -181,8 +155,9 @@ def dterm_pv(inputs, oracle_out):
 
 
 def proposed_noise(inputs, oracle_out):
-    """The proposal (+all) as per-row noise for every tensor: out and dV the core's logit term; dQ and dK the
-    larger of the D-term and sqrt(Dpv^2 + dS^2 + logit^2). fp32 cases: the core's noise (D-term, logit term)."""
+    """The proposal (+all) as per-row noise for every tensor: out and dV the core's; dQ the larger of the D-term
+    and sqrt(Dpv^2 + dS^2 + logit^2), dK that with the core's group-sum term in quadrature. fp32 cases: the core's
+    noise."""
     terms = row_terms(inputs, oracle_out)
     core = combined(terms)
     if "dq" not in core or inputs.q.dtype == torch.float32:
@@ -193,10 +168,7 @@ def proposed_noise(inputs, oracle_out):
     for name in ("dq", "dk"):
         coherent = (dpv[name] ** 2 + dsn[name] ** 2 + terms[f"logit_{name}"] ** 2).sqrt()
         noise[name] = torch.maximum(terms[f"d_{name}"], coherent)
-    if PER_HEAD:
-        ph = per_head_rounding_noise(inputs, oracle_out)
-        noise["dk"] = torch.maximum(noise["dk"], (noise["dk"] ** 2 + ph["dk"] ** 2).sqrt())
-        noise["dv"] = (noise["dv"] ** 2 + ph["dv"] ** 2).sqrt()
+    noise["dk"] = torch.hypot(noise["dk"], terms["head_dk"])  # the core's group-sum term, as combined() adds it
     return noise
 
 
@@ -269,6 +241,8 @@ def measure(spec: str, impls) -> list[str]:
             plus_do = tensor_metrics(name, actual, truth, lp, refs.inputs, comb2)
             d3 = dsn.get(name)
             comb3 = comb if d3 is None else torch.maximum(dterm, (d2**2 + d3**2 + terms[f"logit_{name}"] ** 2).sqrt())
+            if d3 is not None and name == "dk":
+                comb3 = torch.hypot(comb3, terms["head_dk"])
             plus_ds = tensor_metrics(name, actual, truth, lp, refs.inputs, comb3)
             fmt = lambda r: "/".join(f"{x:.2f}" if x < 1e4 else f"{x:.1e}" for x in r)
             cells.append(f"{name} {fmt(_ratios(now))} | {fmt(_ratios(plus_lse))} | {fmt(_ratios(plus_do))}"

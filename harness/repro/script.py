@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.cancellation import LOGIT_CAP
+from ..core.cancellation import LOGIT_CAP, SIGNIFICAND_BITS
 from ..core.case import Case
 from ..core.inputs import Inputs
 from ..core.metrics import magnitude
@@ -203,39 +203,50 @@ def logit_term_matters(inputs: Inputs) -> bool:
     return bound >= LOGIT_TERM_FROM
 
 
-def _row_noise(tensor: str, logit_term: bool) -> list[str]:
+def _row_noise(tensor: str, logit_term: bool, group_sum: bool) -> list[str]:
     """The script's share of harness/core/cancellation.py: the per-row noise a correct kernel cannot avoid (the
-    D-term for dQ/dK; the logit term where `logit_term`), the larger of the two."""
+    D-term for dQ/dK; the logit term where `logit_term`, the larger of the two; for dK/dV with a group, the
+    group-sum term in quadrature). No lines where no term applies: the attention returns `res` alone."""
     fold = ".view(B, HKV, G, LK).sum(2)"  # the group's query heads onto their kv head
-    logit = {
-        "out": "(a2.clamp_max(CAP) * p * p * (v_.pow(2).sum(-1).unsqueeze(-2) - 2 * o @ v_.transpose(-1, -2)"
-               " + o.pow(2).sum(-1, keepdim=True)).clamp_min(0)).sum(-1)",
-        "dv": f"(b2 * do_.pow(2).sum(-1, keepdim=True)).sum(-2){fold}",
-        "dq": "SCALE ** 2 * (wl @ k_.pow(2).sum(-1, keepdim=True)).squeeze(-1)",
-        "dk": f"SCALE ** 2 * (wl.transpose(-1, -2) @ q_.pow(2).sum(-1, keepdim=True)).squeeze(-1){fold}",
-    }[tensor]
+    group_sum = group_sum and tensor in ("dk", "dv")
     d_term = {"dq": "SCALE * w * (p @ k_).norm(dim=-1)",
               "dk": "(SCALE ** 2 * ((p * p).transpose(-1, -2) @ (w * q_.norm(dim=-1)).pow(2).unsqueeze(-1))"
                     f".squeeze(-1){fold}).sqrt()"}.get(tensor)
-    d_lines = ["    # where dS is cancellation a correct kernel keeps D's rounding of O (the harness's D-term), per row",
-               "    w = (do_ * (o.to(DTYPE).to(compute) - o)).norm(dim=-1).nan_to_num(0.0, 0.0)"]
-    if not logit_term:
-        return ["    if not noise:", "        return res", *d_lines, f"    return res, {d_term}"] if d_term else \
-            ["    return res"]
-    lines = ["    if not noise:",
-             "        return res",
-             "    # fp32 logits and log-sum-exp put relative errors of fp32's resolution at |S| on P (two roundings each,",
-             "    # capped at 2^-8): the harness's logit term, per row",
-             "    ulp2 = lambda x: torch.where(x > 0, 2.0 ** (2 * torch.frexp(x)[1] - 48).double(), 0.0) / 6",
-             "    a2 = ulp2(torch.where(p > 0, s.abs(), 0.0))"]
-    if tensor != "out":  # the backward recomputes P = exp(S - LSE): the logit's roundings again, and the LSE's
-        lines += ["    lse = (m + l.log()).nan_to_num(0.0, 0.0, 0.0)",
-                  "    b2 = (a2 + ulp2(lse.abs())).clamp_max(CAP) * p * p",
-                  "    wl = b2 * (do_ @ v_.transpose(-1, -2) - (do_ * o).sum(-1, keepdim=True)).pow(2)"]
-    lines.append(f"    logit = ({logit}).clamp_min(0).sqrt()")
-    if d_term is None:
-        return [*lines, "    return res, logit"]
-    return [*lines, *d_lines, f"    return res, torch.maximum({d_term}, logit)"]
+    if d_term is None and not logit_term and not group_sum:
+        return ["    return res"]
+    lines = ["    if not noise:", "        return res"]
+    terms = []
+    if d_term:
+        lines += ["    # where dS is cancellation a correct kernel keeps D's rounding of O (the harness's D-term), per row",
+                  "    w = (do_ * (o.to(DTYPE).to(compute) - o)).norm(dim=-1).nan_to_num(0.0, 0.0)"]
+        terms.append(d_term)
+    if logit_term:
+        logit = {
+            "out": "(a2.clamp_max(CAP) * p * p * (v_.pow(2).sum(-1).unsqueeze(-2) - 2 * o @ v_.transpose(-1, -2)"
+                   " + o.pow(2).sum(-1, keepdim=True)).clamp_min(0)).sum(-1)",
+            "dv": f"(b2 * do_.pow(2).sum(-1, keepdim=True)).sum(-2){fold}",
+            "dq": "SCALE ** 2 * (wl @ k_.pow(2).sum(-1, keepdim=True)).squeeze(-1)",
+            "dk": f"SCALE ** 2 * (wl.transpose(-1, -2) @ q_.pow(2).sum(-1, keepdim=True)).squeeze(-1){fold}",
+        }[tensor]
+        lines += ["    # fp32 logits and log-sum-exp put relative errors of fp32's resolution at |S| on P (two roundings",
+                  "    # each, capped at 2^-8): the harness's logit term, per row",
+                  "    ulp2 = lambda x: torch.where(x > 0, 2.0 ** (2 * torch.frexp(x)[1] - 48).double(), 0.0) / 6",
+                  "    a2 = ulp2(torch.where(p > 0, s.abs(), 0.0))"]
+        if tensor != "out":  # the backward recomputes P = exp(S - LSE): the logit's roundings again, and the LSE's
+            lines += ["    lse = (m + l.log()).nan_to_num(0.0, 0.0, 0.0)",
+                      "    b2 = (a2 + ulp2(lse.abs())).clamp_max(CAP) * p * p",
+                      "    wl = b2 * (do_ @ v_.transpose(-1, -2) - (do_ * o).sum(-1, keepdim=True)).pow(2)"]
+        lines.append(f"    logit = ({logit}).clamp_min(0).sqrt()")
+        terms.append("logit")
+    noise = terms[0] if len(terms) == 1 else f"torch.maximum({terms[0]}, {terms[1]})" if terms else None
+    if group_sum:
+        heads = "ds.transpose(-1, -2) @ q_ * SCALE" if tensor == "dk" else "p.transpose(-1, -2) @ do_"
+        lines += ["    # each query head's share rounded to the dtype before the group sum (FlashAttention-2's GQA backward,",
+                  "    # K/V expanded by hand): the harness's group-sum term, per key row",
+                  "    ulp = lambda x: torch.where(x > 0, (2.0 ** (torch.frexp(x)[1] - BITS).double()).clamp_min(TINY), 0.0)",
+                  f"    group = (ulp(({heads}).abs()).pow(2) / 12).sum(-1){fold}.sqrt()"]
+        noise = "group" if noise is None else f"torch.hypot({noise}, group)"
+    return [*lines, f"    return res, {noise}"]
 
 
 def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, header: str, device: str = "cpu",
@@ -268,6 +279,8 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         keep = f"torch.arange(LK)[None, :] <= {rows}[:, None] + {offset}  # causal ({case.causal})"
     hashes = inputs.hashes()
     logit_term = logit_term_matters(inputs)
+    group_sum = case.group_size > 1 and case.grads and tensor in ("dk", "dv")
+    noise_lines = _row_noise(tensor, logit_term, group_sum)
     lines = [
         "#!/usr/bin/env python3",
         f'"""{header}',
@@ -287,6 +300,8 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         f"MAG = {magnitude(inputs, tensor)!r}  # fp32 noise where {tensor} is truly 0, per unit roundoff (the harness's)",
         *([f"CAP = {LOGIT_CAP**2!r}  # the logit term's relative P variance at most (2^-8)^2 (the harness's)"]
           if logit_term else []),
+        *([f"BITS, TINY = {SIGNIFICAND_BITS[inputs.q.dtype]}, {2.0**-24 if case.dtype == 'fp16' else 0.0!r}"
+           "  # the dtype's significand, fp16's subnormal spacing"] if group_sum else []),
         f"HASHES = {hashes!r}",
         *_row_sample(case),
         *make,
@@ -337,9 +352,9 @@ def render_script(inputs: Inputs, impl: str, tensor: str, tol: Tolerances, heade
         "    dk = r(r(ds, rds).transpose(-1, -2) @ q_ * SCALE, rh).view(B, HKV, G, LK, D).sum(2)",
         "    dv = r(r(p, rp).transpose(-1, -2) @ do_, rh).view(B, HKV, G, LK, DV).sum(2)",
         "    res = {'out': r(o), 'dq': r(r(ds, rds) @ k_ * SCALE), 'dk': r(dk), 'dv': r(dv)}[T].double()",
-        *_row_noise(tensor, logit_term),
+        *noise_lines,
         "",
-        ("truth, noise = attention(torch.float64, noise=True)" if tensor in ("dq", "dk") or logit_term
+        ("truth, noise = attention(torch.float64, noise=True)" if len(noise_lines) > 1
          else "truth, noise = attention(torch.float64), None"),
         "designs = [dict(rp=1, rds=1, ro=1), dict(rp=1, rds=1, ro=1, rh=1), dict(ro=1), dict(rp=1, rds=1)]",
         "lowprec = [attention(torch.float32, True, **d) for d in designs]",
