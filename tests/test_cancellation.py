@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.core import cancellation
 from harness.core.cancellation import LOGIT_CAP, row_terms
 from harness.core.case import Case, parse_case_spec
 from harness.core.metrics import tensor_metrics
@@ -119,8 +120,10 @@ def _dense_group_sum_term(inputs) -> dict[str, torch.Tensor]:
     g = case.group_size
     k, v = (t.double().repeat_interleave(g, 1).requires_grad_() for t in (inputs.k, inputs.v))
     mask = torch.zeros(case.q_len, case.kv_len, dtype=torch.float64)
-    if case.causal == "top-left":
-        mask = mask.masked_fill(~torch.ones(case.q_len, case.kv_len, dtype=torch.bool).tril(), float("-inf"))
+    if case.causal != "none":
+        offset = 0 if case.causal == "top-left" else case.kv_len - case.q_len
+        keep = torch.ones(case.q_len, case.kv_len, dtype=torch.bool).tril(offset)
+        mask = mask.masked_fill(~keep, float("-inf"))
     if inputs.mask is not None:
         m = inputs.mask
         mask = mask.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else mask + m.double()
@@ -136,13 +139,18 @@ def _dense_group_sum_term(inputs) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("spec", [
     "b=2,hq=4,hkv=2,lq=40,lk=40,d=64,dtype=fp16,values=negative-lse,s=10003",
     "b=1,hq=6,hkv=2,lq=17,lk=29,d=32,dv=16,dtype=bf16,causal=top-left,mask=additive,mask_per_head=True",
+    "b=2,hq=8,hkv=2,lq=45,lk=30,d=32,dtype=bf16,causal=bottom-right,mask=bool",  # rows that see no key
 ])
-def test_the_group_sum_term_equals_fp64_autograd_on_hand_expanded_kv(spec):
+def test_the_group_sum_term_equals_fp64_autograd_on_hand_expanded_kv(spec, monkeypatch):
     refs = cached_references(parse_case_spec(spec))
-    terms, dense = row_terms(refs.inputs, refs.oracle["out"]), _dense_group_sum_term(refs.inputs)
+    dense = _dense_group_sum_term(refs.inputs)
+    terms = row_terms(refs.inputs, refs.oracle["out"])
+    monkeypatch.setattr(cancellation, "CHUNK_BYTES", 2**14)  # many key blocks and row chunks: the same terms
+    blocked = row_terms(refs.inputs, refs.oracle["out"])
     for name, want in dense.items():
         assert float(want.max()) > 0, name
         torch.testing.assert_close(terms[name], want, rtol=1e-9, atol=0, msg=name)
+        torch.testing.assert_close(blocked[name], want, rtol=1e-9, atol=0, msg=name)
 
 
 def test_the_group_sum_term_is_zero_without_a_group():

@@ -147,7 +147,7 @@ def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | Non
     if grads:
         terms |= {"d_dq": d_dq.view(b, hq, lq), "logit_dq": logit_dq2.sqrt().view(b, hq, lq),
                   "d_dk": d_dk2.sqrt(), "logit_dk": logit_dk2.sqrt(), "logit_dv": logit_dv2.sqrt()}
-        terms |= _group_sum_terms(inputs, logits, q, v, do, delta[..., 0], lse_rows)
+        terms |= _group_sum_terms(inputs, logits, positions, q, v, do, delta[..., 0], lse_rows)
     return terms
 
 
@@ -174,8 +174,8 @@ def _logits(inputs: Inputs, q: torch.Tensor, k: torch.Tensor, positions: torch.T
     return s
 
 
-def _group_sum_terms(inputs: Inputs, logits, q: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-                     delta: torch.Tensor, lse: torch.Tensor) -> dict[str, torch.Tensor]:
+def _group_sum_terms(inputs: Inputs, logits, positions: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
+                     do: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor) -> dict[str, torch.Tensor]:
     """"head_dk", "head_dv" (B, Hkv, Lk): the rounding of each query head's dK and dV to the dtype before the group
     sum (the module's docstring). Over key blocks, each head's dK/dV block summed over every row chunk in fp64."""
     case = inputs.case
@@ -189,13 +189,16 @@ def _group_sum_terms(inputs: Inputs, logits, q: torch.Tensor, v: torch.Tensor, d
     # a key block's accumulators take half of CHUNK_BYTES, a (rows x keys) block's temporaries (about four) the rest
     kstep = max(1, min(lk, CHUNK_BYTES // (16 * b * hkv * g * (d + dv))))
     rstep = max(1, min(lq, CHUNK_BYTES // (64 * b * hkv * g * kstep)))
+    offset = 0 if case.causal != "bottom-right" else lk - case.q_len
     dead = torch.isneginf(lse)[..., None]  # rows that see no key: P = 0
     lse = lse.masked_fill(dead[..., 0], 0.0)[..., None]
     for k0 in range(0, lk, kstep):
         ks = slice(k0, min(lk, k0 + kstep))
         dk_h = torch.zeros(b, hkv, g, ks.stop - k0, d, **f64)
         dv_h = torch.zeros(b, hkv, g, ks.stop - k0, dv, **f64)
-        for r0 in range(0, lq, rstep):
+        # causal: the rows before the first that sees key k0 see none of the block
+        first = 0 if case.causal == "none" else int(torch.searchsorted(positions, k0 - offset))
+        for r0 in range(first, lq, rstep):
             rs = slice(r0, min(lq, r0 + rstep))
             p = logits(rs, ks).sub_(lse[..., rs, :]).exp_().masked_fill_(dead[..., rs, :], 0.0)
             n = rs.stop - r0
