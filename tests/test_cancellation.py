@@ -140,13 +140,15 @@ def _dense_group_sum_term(inputs) -> dict[str, torch.Tensor]:
     "b=2,hq=4,hkv=2,lq=40,lk=40,d=64,dtype=fp16,values=negative-lse,s=10003",
     "b=1,hq=6,hkv=2,lq=17,lk=29,d=32,dv=16,dtype=bf16,causal=top-left,mask=additive,mask_per_head=True",
     "b=2,hq=8,hkv=2,lq=45,lk=30,d=32,dtype=bf16,causal=bottom-right,mask=bool",  # rows that see no key
+    "b=2,hq=4,hkv=1,lq=19,lk=37,d=32,dtype=fp16,causal=top-left,mask=padding",  # keys no row sees: dK_h = 0 exactly
+    "b=1,hq=4,hkv=2,lq=1536,d=32,dtype=fp16,causal=top-left,long=True",  # row-sampled: grad_out only on its rows
 ])
 def test_the_group_sum_term_equals_fp64_autograd_on_hand_expanded_kv(spec, monkeypatch):
     refs = cached_references(parse_case_spec(spec))
     dense = _dense_group_sum_term(refs.inputs)
-    terms = row_terms(refs.inputs, refs.oracle["out"])
+    terms = row_terms(refs.inputs, refs.oracle["out"], refs.rows)
     monkeypatch.setattr(cancellation, "CHUNK_BYTES", 2**14)  # many key blocks and row chunks: the same terms
-    blocked = row_terms(refs.inputs, refs.oracle["out"])
+    blocked = row_terms(refs.inputs, refs.oracle["out"], refs.rows)
     for name, want in dense.items():
         assert float(want.max()) > 0, name
         torch.testing.assert_close(terms[name], want, rtol=1e-9, atol=0, msg=name)
@@ -175,3 +177,10 @@ def test_a_design_that_rounds_each_heads_dk_passes_where_the_heads_cancel_only_w
 
     assert status(without) is Status.FAIL
     assert status(refs.row_noise["dk"]) is Status.PASS
+
+
+def test_ulp_is_zero_at_zero_and_fp16_spacing_below_its_normals():
+    x = torch.tensor([0.0, 2.0**-30, 1.0], dtype=torch.float64)
+    assert cancellation.ulp(x, torch.float16).tolist() == [0.0, 2.0**-24, 2.0**-10]
+    assert cancellation.ulp(x, torch.bfloat16).tolist() == [0.0, 2.0**-37, 2.0**-7]
+    assert cancellation.ulp(x).tolist() == [0.0, 2.0**-53, 2.0**-23]

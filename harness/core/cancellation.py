@@ -59,7 +59,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ulp of x in `dtype` (x >= 0, fp64, finite), 0 where x is 0: 2^floor(log2 x) · 2^(1 - bits), from the
     exponent bits; fp16's subnormal spacing 2^-24 below 2^-14."""
     u = (x.view(torch.int64) & _EXPONENT).view(torch.float64).mul_(2.0 ** (1 - SIGNIFICAND_BITS[dtype]))
-    return torch.where(x > 0, u.clamp_min_(2.0**-24), u) if dtype == torch.float16 else u
+    return torch.where(x > 0, u.clamp_min(2.0**-24), u) if dtype == torch.float16 else u
 
 
 def _stacked(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -161,12 +161,11 @@ def _logits(inputs: Inputs, q: torch.Tensor, k: torch.Tensor, positions: torch.T
     s = s.view(b, hkv, g, rs.stop - rs.start, -1)
     mask = inputs.mask
     if mask is not None:
-        if rows is not None and mask.shape[2] != 1:
-            mask = mask.index_select(2, rows[rs])
-        elif mask.shape[2] != 1:
-            mask = mask[:, :, rs]
+        mask = mask[..., ks]
+        if mask.shape[2] != 1:
+            mask = mask[:, :, rs] if rows is None else mask.index_select(2, rows[rs])
         per_head = mask.shape[1] != 1
-        mask = mask[..., ks].reshape(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], -1)
+        mask = mask.reshape(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], -1)
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask.double())
     keep = causal_keep_at(inputs.case, positions[rs])
     if keep is not None:
