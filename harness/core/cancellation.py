@@ -76,9 +76,9 @@ def _by_key(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def row_terms(inputs: Inputs, oracle_out: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Each term apart, per row, in the tensors' units: "logit_out" (B, Hq, Lq), and for a case with gradients
-    "d_dq", "logit_dq" (B, Hq, Lq), "d_dk", "logit_dk", "logit_dv", "head_dk", "head_dv" (B, Hkv, Lk). `rows`: the query rows
-    `oracle_out` holds (a long case's); out and dQ are then those rows', and dK/dV exact as long as grad_out
-    is zero on every other row (their weight is zero)."""
+    "d_dq", "logit_dq" (B, Hq, Lq), "d_dk", "logit_dk", "logit_dv", "head_dk", "head_dv" (B, Hkv, Lk).
+    `rows`: the query rows `oracle_out` holds (a long case's); out and dQ are then those rows', and dK/dV exact
+    as long as grad_out is zero on every other row (their weight is zero)."""
     case = inputs.case
     b, hq, hkv, lk, g = case.batch, case.q_heads, case.kv_heads, case.kv_len, case.group_size
     grads = case.grads
@@ -167,7 +167,7 @@ def _logits(inputs: Inputs, q: torch.Tensor, k: torch.Tensor, positions: torch.T
         per_head = mask.shape[1] != 1
         mask = mask.reshape(mask.shape[0], hkv if per_head else 1, g if per_head else 1, mask.shape[2], -1)
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask.double())
-    keep = causal_keep_at(inputs.case, positions[rs])
+    keep = causal_keep_at(case, positions[rs])
     if keep is not None:
         s = s.masked_fill(~keep[:, ks], float("-inf"))
     return s

@@ -31,7 +31,7 @@ import sys
 import torch
 
 import harness.core.references as core_refs
-from harness.core.cancellation import combined, row_terms
+from harness.core.cancellation import combined, row_terms, ulp
 from harness.core.case import parse_case_spec
 from harness.core.metrics import tensor_metrics, yardstick
 from harness.core.oracle import causal_keep_at, softmax_scale
@@ -79,16 +79,6 @@ def zero_huge_rows(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return out.masked_fill(huge.expand_as(out), 0.0)
 
 
-def _ulp_dtype(x, dtype):
-    """ulp of |x| in `dtype` (bf16 8, fp16 11 significant bits; fp16's subnormal spacing 2^-24 below 2^-14)."""
-    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
-    _, e = torch.frexp(x)
-    ulp = torch.ldexp(torch.ones_like(x), e - bits)
-    if dtype == torch.float16:
-        ulp = ulp.clamp_min(2.0**-24)
-    return torch.where(x > 0, ulp, torch.zeros_like(x))
-
-
 def ds_rounding_noise(inputs, oracle_out):
     """Per-row noise of dQ (B, Hq, Lq) and dK (B, Hkv, Lk) from rounding dS to the dtype before its GEMMs (one
     rounding per element, RMS ulp/sqrt(12)), only its coherent part: along the attention-weighted mean key
@@ -101,7 +91,7 @@ def ds_rounding_noise(inputs, oracle_out):
     q, k, v, do, _, p = _dense(inputs)
     o = oracle_out.double()
     ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
-    var = (_ulp_dtype(ds.abs(), inputs.q.dtype) ** 2) / 12  # (B, Hq, Lq, Lk)
+    var = (ulp(ds.abs(), inputs.q.dtype) ** 2) / 12  # (B, Hq, Lq, Lk)
     kbar = torch.matmul(p, k).norm(dim=-1)  # (B, Hq, Lq)
     dq = scale * kbar * var.sum(-1).sqrt()
     # dK row j (per kv head, the group's rows together): the P-weighted mean query over the rows that see j
@@ -144,7 +134,7 @@ def dterm_pv(inputs, oracle_out):
     l = pt.sum(-1, keepdim=True)
     l = torch.where(l > 0, l, torch.ones((), dtype=torch.float64))
     # per (row, key): the variance P~'s rounding adds to P; P~ = 1 (the row's max) is exact
-    sig2 = torch.where(pt < 1, (_ulp_dtype(pt, inputs.q.dtype) / l) ** 2 / 12, torch.zeros((), dtype=torch.float64))
+    sig2 = torch.where(pt < 1, (ulp(pt, inputs.q.dtype) / l) ** 2 / 12, torch.zeros((), dtype=torch.float64))
     o = oracle_out.double()
     d_round = o.to(inputs.q.dtype).double() - o
     d_pv2 = torch.matmul(sig2, v.pow(2))  # (B, H, Lq, Dv): variance of O from P~'s rounding

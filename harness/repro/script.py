@@ -206,9 +206,9 @@ def logit_term_matters(inputs: Inputs) -> bool:
 def _row_noise(tensor: str, logit_term: bool, group_sum: bool) -> list[str]:
     """The script's share of harness/core/cancellation.py: the per-row noise a correct kernel cannot avoid (the
     D-term for dQ/dK; the logit term where `logit_term`, the larger of the two; for dK/dV with a group, the
-    group-sum term in quadrature). No lines where no term applies: the attention returns `res` alone."""
+    group-sum term in quadrature; `group_sum`: dK/dV of a case with a group). No lines where no term applies: the
+    attention returns `res` alone."""
     fold = ".view(B, HKV, G, LK).sum(2)"  # the group's query heads onto their kv head
-    group_sum = group_sum and tensor in ("dk", "dv")
     d_term = {"dq": "SCALE * w * (p @ k_).norm(dim=-1)",
               "dk": "(SCALE ** 2 * ((p * p).transpose(-1, -2) @ (w * q_.norm(dim=-1)).pow(2).unsqueeze(-1))"
                     f".squeeze(-1){fold}).sqrt()"}.get(tensor)
@@ -238,7 +238,7 @@ def _row_noise(tensor: str, logit_term: bool, group_sum: bool) -> list[str]:
                       "    wl = b2 * (do_ @ v_.transpose(-1, -2) - (do_ * o).sum(-1, keepdim=True)).pow(2)"]
         lines.append(f"    logit = ({logit}).clamp_min(0).sqrt()")
         terms.append("logit")
-    noise = terms[0] if len(terms) == 1 else f"torch.maximum({terms[0]}, {terms[1]})" if terms else None
+    noise = f"torch.maximum({terms[0]}, {terms[1]})" if len(terms) == 2 else (terms[0] if terms else None)
     if group_sum:
         heads = "ds.transpose(-1, -2) @ q_ * SCALE" if tensor == "dk" else "p.transpose(-1, -2) @ do_"
         lines += ["    # each query head's share rounded to the dtype before the group sum (FlashAttention-2's GQA backward,",
